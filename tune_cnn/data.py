@@ -1,0 +1,401 @@
+"""Data sets: CIFAR-10, a cifar-10-batches-py folder, an image folder, or an archive of either.
+
+Every source ends as uint8 arrays (N, C, H, W) with int64 labels, decoded once and cached on disk, split
+into train / validation (held out of train, stratified, seeded) / test, with normalisation statistics
+taken from the training split.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+from PIL import Image, UnidentifiedImageError
+
+from tune_cnn.errors import DataError
+from tune_cnn.models import InputShape
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
+CIFAR_URL_HINT = (
+    "point --data (or TUNE_CNN_DATA) at a local copy: a cifar-10-batches-py folder, an image folder "
+    "with train/<class>/ and test/<class>/, or a .tar.gz/.zip of either"
+)
+
+
+@dataclass
+class Arrays:
+    """Decoded images (uint8, N x C x H x W) and labels (int64)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, index: np.ndarray) -> Arrays:
+        return Arrays(self.x[index], self.y[index])
+
+
+@dataclass
+class DataSplits:
+    train: Arrays
+    val: Arrays
+    test: Arrays
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    @property
+    def shape(self) -> InputShape:
+        _, channels, height, width = self.train.x.shape
+        return InputShape(channels, height, width, len(self.classes))
+
+    def describe(self) -> str:
+        s = self.shape
+        return (
+            f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test images, "
+            f"{s.channels}x{s.height}x{s.width}, {s.classes} classes"
+        )
+
+
+@dataclass
+class RawData:
+    """A data set as it is on disk, before the validation split."""
+
+    train: Arrays
+    test: Arrays
+    classes: tuple[str, ...]
+    val: Arrays | None = None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TUNE_CNN_CACHE", Path.home() / ".cache" / "tune_cnn"))
+
+
+def default_source() -> str:
+    return os.environ.get("TUNE_CNN_DATA", "cifar10")
+
+
+def load_data(
+    source: str | Path | None = None,
+    *,
+    val_fraction: float = 0.1,
+    subset: int | None = None,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+) -> DataSplits:
+    """Load a data set and split it. `subset` keeps a stratified N-image subset of the training split."""
+    source = str(source or default_source())
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction {val_fraction} is out of range; use a fraction between 0 and 1, such as 0.1")
+    raw = load_raw(source, cache_dir or default_cache_dir())
+    if raw.val is None:
+        val_index, train_index = stratified_split(raw.train.y, val_fraction, seed)
+        train, val = raw.train.take(train_index), raw.train.take(val_index)
+    else:
+        train, val = raw.train, raw.val
+    if subset is not None:
+        if not 0 < subset <= len(train):
+            raise DataError(f"subset {subset} is out of range; use 1 to {len(train)} training images")
+        train = train.take(stratified_subset(train.y, subset, seed))
+    mean, std = channel_statistics(train.x)
+    return DataSplits(train, val, raw.test, raw.classes, mean, std, source)
+
+
+def load_raw(source: str, cache_dir: Path) -> RawData:
+    if source == "cifar10":
+        return read_cifar_batches(download_cifar10(cache_dir))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; {CIFAR_URL_HINT}, or use --data cifar10")
+    if path.is_file():
+        path = extract_archive(path, cache_dir)
+    root = find_data_root(path)
+    if (root / "data_batch_1").exists():
+        return read_cifar_batches(root)
+    return read_image_folder_cached(root, cache_dir)
+
+
+def find_data_root(path: Path) -> Path:
+    """The folder itself, or its single subfolder (archives often wrap everything in one)."""
+    if _is_data_root(path):
+        return path
+    children = [c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1 and _is_data_root(children[0]):
+        return children[0]
+    if not any(path.iterdir()):
+        raise DataError(f"data folder {path} is empty; it needs train/<class>/ and test/<class>/ image folders")
+    raise DataError(
+        f"{path} is neither an image folder (train/<class>/*.png|jpg and test/<class>/...) "
+        f"nor a cifar-10-batches-py folder; {CIFAR_URL_HINT}"
+    )
+
+
+def _is_data_root(path: Path) -> bool:
+    return (path / "data_batch_1").exists() or ((path / "train").is_dir() and (path / "test").is_dir())
+
+
+# --- CIFAR-10 download and the official pickle format ---------------------------------------------------
+
+
+def download_cifar10(cache_dir: Path) -> Path:
+    """Download and extract CIFAR-10 once; a file lock keeps concurrent processes from doing it twice."""
+    target = cache_dir / "cifar10"
+    batches = target / "cifar-10-batches-py"
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target / ".lock")):
+        if not (batches / "test_batch").exists():
+            from torchvision.datasets import CIFAR10
+
+            try:
+                CIFAR10(str(target), download=True)
+            except Exception as error:  # any network failure: urllib, ssl, socket, http
+                raise DataError(
+                    f"could not download CIFAR-10 ({type(error).__name__}); this machine may be offline: "
+                    f"{CIFAR_URL_HINT}"
+                ) from None
+    return batches
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a data file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+
+
+def _read_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    except Exception as error:
+        raise DataError(f"{path} is not a CIFAR-10 batch file ({error}); re-download or re-extract the data set") from None
+
+
+def read_cifar_batches(folder: Path) -> RawData:
+    train_files = sorted(folder.glob("data_batch_*"))
+    missing = [name for name in ("test_batch", "batches.meta") if not (folder / name).exists()]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)}; a cifar-10-batches-py folder needs data_batch_1..5, test_batch and batches.meta")
+    meta = _read_batch(folder / "batches.meta")
+    classes = tuple(n.decode() if isinstance(n, bytes) else n for n in meta["label_names"])
+    train = [_batch_arrays(_read_batch(p)) for p in train_files]
+    test = _batch_arrays(_read_batch(folder / "test_batch"))
+    train_arrays = Arrays(np.concatenate([a.x for a in train]), np.concatenate([a.y for a in train]))
+    return RawData(train_arrays, test, classes)
+
+
+def _batch_arrays(batch: dict) -> Arrays:
+    x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return Arrays(x, np.asarray(batch["labels"], dtype=np.int64))
+
+
+# --- Archives --------------------------------------------------------------------------------------------
+
+
+def extract_archive(path: Path, cache_dir: Path) -> Path:
+    """Extract once into the cache, keyed by the archive's content; members may not leave that folder."""
+    if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise DataError(f"{path} is a file but not an archive; --data takes a folder or a .tar.gz, .tgz or .zip")
+    target = cache_dir / "extracted" / file_digest(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / ".complete").exists():
+            partial = target.with_name(target.name + ".partial")
+            _remove_tree(partial)
+            partial.mkdir()
+            _unpack(path, partial)
+            _remove_tree(target)
+            partial.rename(target)
+            (target / ".complete").touch()
+    return target
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def _unpack(archive: Path, target: Path) -> None:
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                for name in z.namelist():
+                    _check_member(archive, name)
+                z.extractall(target)
+        else:
+            with tarfile.open(archive, "r:gz") as t:
+                members = t.getmembers()
+                for member in members:
+                    _check_member(archive, member.name)
+                    if member.issym() or member.islnk():
+                        raise DataError(f"{archive} holds a link ({member.name}); archives may hold only files and folders")
+                t.extractall(target, members=members, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
+        raise DataError(f"{archive} is not a readable archive ({error}); check the file or unpack it and pass the folder") from None
+
+
+def _check_member(archive: Path, name: str) -> None:
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise DataError(f"{archive} holds an unsafe path '{name}'; refusing to extract outside the cache folder")
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- Image folders ---------------------------------------------------------------------------------------
+
+
+def read_image_folder_cached(root: Path, cache_dir: Path) -> RawData:
+    """Decode an image folder once; later loads read the decoded arrays (about a second for CIFAR-10)."""
+    files = {split: list_split(root, split) for split in ("train", "val", "test") if (root / split).is_dir()}
+    classes = check_classes(root, files)
+    key = _folder_key(root, files)
+    cached = cache_dir / "decoded" / f"{key}.npz"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cached) + ".lock"):
+        if not cached.exists():
+            arrays = {split: decode_split(split_files, classes) for split, split_files in files.items()}
+            _check_same_size(arrays, files)
+            partial = cached.with_suffix(".partial.npz")
+            np.savez(partial, classes=np.array(classes), **{f"{s}_{k}": getattr(a, k) for s, a in arrays.items() for k in ("x", "y")})
+            partial.rename(cached)
+    with np.load(cached) as stored:
+        get = lambda split: Arrays(stored[f"{split}_x"], stored[f"{split}_y"]) if f"{split}_y" in stored else None  # noqa: E731
+        return RawData(get("train"), get("test"), classes, get("val"))
+
+
+def list_split(root: Path, split: str) -> dict[str, list[Path]]:
+    """Image files of one split by class name; every class folder must hold at least one image."""
+    folder = root / split
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
+    listing = {}
+    for d in class_dirs:
+        images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"class folder {d} has no PNG or JPEG images; add images or remove the folder")
+        listing[d.name] = images
+    return listing
+
+
+def check_classes(root: Path, files: dict[str, dict[str, list[Path]]]) -> tuple[str, ...]:
+    classes = tuple(files["train"])
+    for split, listing in files.items():
+        if tuple(listing) != classes:
+            only_train = sorted(set(classes) - set(listing))
+            only_split = sorted(set(listing) - set(classes))
+            raise DataError(
+                f"{root / split} classes differ from train: missing {only_train or 'none'}, extra {only_split or 'none'}; "
+                f"every split needs the same class folders"
+            )
+    return classes
+
+
+def decode_split(listing: dict[str, list[Path]], classes: tuple[str, ...]) -> Arrays:
+    paths = [p for c in classes for p in listing[c]]
+    labels = np.concatenate([np.full(len(listing[c]), i, dtype=np.int64) for i, c in enumerate(classes)])
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        images = list(pool.map(_decode_image, paths))
+    mode = "RGB" if any(img.mode == "RGB" for img in images) else "L"
+    first = images[0].size
+    for path, img in zip(paths, images):
+        if img.size != first:
+            raise DataError(
+                f"image sizes differ: {paths[0]} is {first[0]}x{first[1]}, {path} is {img.size[0]}x{img.size[1]}; "
+                f"resize the data set to one size"
+            )
+    x = np.stack([_to_chw(img, mode) for img in images])
+    return Arrays(x, labels)
+
+
+def _decode_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img if img.mode in ("RGB", "L") else img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
+
+
+def _to_chw(img: Image.Image, mode: str) -> np.ndarray:
+    a = np.asarray(img if img.mode == mode else img.convert(mode))
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _check_same_size(arrays: dict[str, Arrays], files: dict[str, dict[str, list[Path]]]) -> None:
+    shapes = {split: a.x.shape[1:] for split, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{split} {'x'.join(map(str, s))}" for split, s in shapes.items())
+        raise DataError(f"image sizes or channels differ between splits ({detail}); use one size for the whole data set")
+
+
+def _folder_key(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for split, listing in files.items():
+        for c, paths in listing.items():
+            for p in paths:
+                st = p.stat()
+                digest.update(f"{split}/{c}/{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+# --- Splits and statistics -------------------------------------------------------------------------------
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out indices, remaining indices): `fraction` of every class, chosen with `seed`."""
+    rng = np.random.default_rng(seed)
+    held, kept = [], []
+    for c in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == c))
+        n = int(round(len(index) * fraction))
+        held.append(index[:n])
+        kept.append(index[n:])
+    return np.sort(np.concatenate(held)), np.sort(np.concatenate(kept))
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` indices with every class in its original proportion (largest remainders get the rest)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / counts.sum()
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota)[: size - take.sum()]] += 1
+    rng = np.random.default_rng(seed + 1)
+    parts = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(parts))
+
+
+def channel_statistics(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale."""
+    flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+    mean = flat.mean(axis=1, dtype=np.float64) / 255
+    std = flat.std(axis=1, dtype=np.float64) / 255
+    return tuple(mean.tolist()), tuple(np.maximum(std, 1e-6).tolist())

@@ -1,0 +1,355 @@
+"""Train one config on one data set, reporting after every epoch.
+
+The engine keeps the whole data set on the training device as uint8, shuffles and augments whole batches
+there, normalises on the fly and sums the epoch's loss and accuracy on the device, so the hot loop is one
+gather, one forward, one backward and one optimizer step per batch: no DataLoader, no per-image Python.
+
+`train()` takes its reporter as an argument, so the same function runs from plain Python (`print_report`,
+`LocalCheckpoints`) and as a Ray Tune function trainable (see tune_cnn.sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tune_cnn.data import Arrays, DataSplits, load_data
+from tune_cnn.errors import ConfigError, exit_on_user_error
+from tune_cnn.models import MODEL_SETTINGS, ModelConfig, build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Metrics = dict[str, float]
+Reporter = Callable[[Metrics, "Path | None"], None]
+AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one trial needs besides the data. Defaults are the seed's Keras run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 10
+    checkpoint_every: int = 10
+    seed: int = 0
+    augment: Literal["none", "flip", "crop", "crop_flip"] = "none"
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in ("adam", "sgd"), f"optimizer '{self.optimizer}' is unknown; use 'adam' or 'sgd'"),
+            (self.lr > 0, f"lr {self.lr} is out of range; use a learning rate > 0, such as 0.001"),
+            (0 <= self.momentum < 1, f"momentum {self.momentum} is out of range; use 0 <= momentum < 1"),
+            (self.weight_decay >= 0, f"weight_decay {self.weight_decay} is out of range; use a value >= 0"),
+            (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
+            (self.epochs >= 1, f"epochs {self.epochs} is out of range; use an integer >= 1"),
+            (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
+            (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be an integer >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_flat(cls, settings: Mapping[str, Any]) -> TrainConfig:
+        """Build from one flat mapping of setting names (model and training settings mixed), checking types."""
+        model_fields, train_fields = _field_types(ModelConfig), _field_types(cls)
+        unknown = sorted(set(settings) - set(model_fields) - set(train_fields))
+        if unknown:
+            allowed = sorted(set(model_fields) | set(train_fields))
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        typed = {name: _check_type(name, value, {**train_fields, **model_fields}[name]) for name, value in settings.items()}
+        model = ModelConfig(**{k: v for k, v in typed.items() if k in MODEL_SETTINGS})
+        return cls(model=model, **{k: v for k, v in typed.items() if k not in MODEL_SETTINGS})
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict of every setting: the inverse of from_flat."""
+        settings = {k: v for k, v in asdict(self).items() if k != "model"}
+        return {**asdict(self.model), **settings}
+
+
+SETTINGS = tuple(dict.fromkeys(MODEL_SETTINGS + tuple(f.name for f in fields(TrainConfig) if f.name != "model")))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if not (cls is TrainConfig and f.name == "model")}
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Accept a value of the setting's type (an int where a float is due); otherwise one clear error."""
+    choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{name} '{value}' is not allowed; use one of: {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # tuple[int, ...]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        expected = getattr(hint, "__name__", "list of integers")
+        raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}")
+    return value
+
+
+# --- Reporters ---------------------------------------------------------------------------------------------
+
+
+def print_report(metrics: Metrics, checkpoint: Path | None) -> None:
+    print(
+        f"epoch {metrics['epoch']:>3}  train_acc {metrics['train_acc']:.4f}  val_acc {metrics['val_acc']:.4f}  "
+        f"val_loss {metrics['val_loss']:.4f}  test_acc {metrics['test_acc']:.4f}  "
+        f"{metrics['epoch_seconds']:.1f}s  {metrics['images_per_second']:.0f} img/s" + ("  [checkpoint]" if checkpoint else ""),
+        flush=True,
+    )
+
+
+class LocalCheckpoints:
+    """A reporter for plain Python: prints each epoch and keeps checkpoints in folder/epoch_NNN/."""
+
+    def __init__(self, folder: Path, echo: Reporter | None = print_report):
+        self.folder = Path(folder)
+        self.echo = echo
+        self.history: list[Metrics] = []
+
+    def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
+        self.history.append(metrics)
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, self.folder / f"epoch_{int(metrics['epoch']):03d}", dirs_exist_ok=True)
+        if self.echo:
+            self.echo(metrics, checkpoint)
+
+
+# --- Checkpoints -------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    """Read a checkpoint folder; weights_only=True means a checkpoint file cannot run code."""
+    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor], shuffle: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --- The engine --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was asked for but this machine has no CUDA GPU; use device 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class DeviceData:
+    """One split resident on the training device, uint8, with its normalisation folded in."""
+
+    def __init__(self, arrays: Arrays, mean: torch.Tensor, std: torch.Tensor, device: torch.device, channels_last: bool):
+        self.x = torch.from_numpy(arrays.x.copy()).to(device)
+        self.y = torch.from_numpy(arrays.y.copy()).to(device)
+        self.mean, self.std = mean, std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(memory_format=self.memory_format).float()
+        return (x - self.mean) / self.std
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero fill) and/or horizontal flip, for a whole uint8 batch."""
+    n, c, h, w = x.shape
+    if "crop" in kind:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy, dx = (torch.randint(0, 2 * pad + 1, (2, n, 1), device=x.device, generator=generator))
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if "flip" in kind:
+        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    # Decoupled weight decay (AdamW) is the regulariser people mean; fused kernels on CUDA save launches.
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, eps=1e-7, weight_decay=config.weight_decay, **fused)
+
+
+def train(
+    config: TrainConfig,
+    data: DataSplits,
+    report: Reporter = print_report,
+    resume: Mapping[str, Any] | None = None,
+) -> list[Metrics]:
+    """Train `config` on `data`; call `report(metrics, checkpoint_folder_or_None)` after every epoch.
+
+    Metrics per epoch: epoch, train_loss, train_acc (over the epoch, in training mode), val_loss, val_acc,
+    test_loss, test_acc, epoch_seconds (the whole epoch: training pass and evaluation), images_per_second
+    (training images over the training pass's seconds) and lr. A checkpoint is due every
+    `checkpoint_every` epochs and at the last; `resume` (from load_checkpoint) continues at the next epoch.
+    """
+    device = resolve_device(config.device)
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(config.seed)
+    shuffle = torch.Generator(device=device).manual_seed(config.seed)
+    model = build_model(config.model, data.shape).to(device, memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
+    optimizer = make_optimizer(config, model, device)
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        _restore_rng(resume["rng"], shuffle, device)
+        first_epoch = int(resume["epoch"]) + 1
+    step = torch.compile(model) if config.compile else model
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and on_cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1) * 255
+    splits = {name: DeviceData(getattr(data, name), mean, std, device, on_cuda) for name in ("train", "val", "test")}
+    history = []
+    for epoch in range(first_epoch, config.epochs + 1):
+        start = time.perf_counter()
+        train_loss, train_acc = train_epoch(step, optimizer, splits["train"], config, shuffle, autocast)
+        train_seconds = time.perf_counter() - start
+        metrics: Metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+        for name in ("val", "test"):
+            metrics[f"{name}_loss"], metrics[f"{name}_acc"] = evaluate(step, splits[name], config.eval_batch_size, autocast)
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        metrics["images_per_second"] = len(splits["train"]) / train_seconds
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(metrics)
+        if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+            with tempfile.TemporaryDirectory(prefix="tune_cnn_ckpt_") as folder:
+                torch.save(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "rng": _rng_state(shuffle, device), "config": config.flat()},
+                    Path(folder) / CHECKPOINT_FILE,
+                )
+                report(metrics, Path(folder))
+        else:
+            report(metrics, None)
+    return history
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceData, config: TrainConfig,
+                generator: torch.Generator, autocast) -> tuple[float, float]:
+    model.train()
+    order = torch.randperm(len(data), device=data.x.device, generator=generator)
+    loss_sum = torch.zeros((), device=data.x.device)
+    correct = torch.zeros((), device=data.x.device, dtype=torch.int64)
+    for start in range(0, len(data), config.batch_size):
+        index = order[start : start + config.batch_size]
+        x, y = data.x[index], data.y[index]
+        if config.augment != "none":
+            x = augment_batch(x, config.augment, generator)
+        with autocast:
+            logits = model(data.normalise(x))
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(index)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(data), correct.item() / len(data)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast=nullcontext()) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a split, in evaluation mode, in large batches."""
+    model.eval()
+    loss_sum = torch.zeros((), device=data.x.device)
+    correct = torch.zeros((), device=data.x.device, dtype=torch.int64)
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        with autocast:
+            logits = model(data.normalise(x))
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(data), correct.item() / len(data)
+
+
+# --- A single run from the command line --------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tune_cnn.train", description="Train one config and print every epoch.")
+    parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
+    parser.add_argument("--subset", type=int, default=None, help="train on a stratified subset of N images")
+    parser.add_argument("--checkpoints", type=Path, default=None, help="keep checkpoints in this folder")
+    parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint folder")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help=f"settings, e.g. --set epochs=10 pooling=avg batch_norm=true; names: {', '.join(SETTINGS)}")
+    return parser.parse_args(argv)
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair}: write NAME=VALUE, for example --set epochs=10")
+        settings[name] = yaml.safe_load(value)
+    return settings
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = TrainConfig.from_flat(parse_settings(args.set))
+    resume = load_checkpoint(args.resume) if args.resume else None
+    data = load_data(args.data, subset=args.subset, seed=config.seed)
+    print(data.describe(), flush=True)
+    reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
+    train(config, data, reporter, resume)
+
+
+if __name__ == "__main__":
+    main()
