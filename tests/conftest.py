@@ -39,7 +39,7 @@ def make_image_folder(
     root: Path,
     classes: tuple[str, ...] = ("cat", "dog", "frog"),
     per_class: dict[str, int] | None = None,
-    size: tuple[int, int] = (12, 12),
+    size: tuple[int, int] = (20, 20),
     mode: str = "RGB",
     suffix: str = ".png",
     splits: tuple[str, ...] = ("train", "test"),
@@ -65,7 +65,7 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
-def synthetic_splits(train: int = 600, val: int = 200, test: int = 200, classes: int = 4, size: int = 16, seed: int = 0) -> DataSplits:
+def synthetic_splits(train: int = 600, val: int = 200, test: int = 200, classes: int = 4, size: int = 20, seed: int = 0) -> DataSplits:
     """An in-memory data set of learnable class images: fast enough for many training tests."""
     rng = np.random.default_rng(seed)
 
