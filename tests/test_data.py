@@ -1,0 +1,200 @@
+import pickle
+import shutil
+import tarfile
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image_folder
+from PIL import Image
+
+import tune_cnn.data as data_module
+from tune_cnn.data import load_data, stratified_split, stratified_subset
+from tune_cnn.errors import DataError
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def test_image_folder_loads_with_a_stratified_validation_split(image_folder, cache):
+    data = load_data(image_folder, cache_dir=cache, val_fraction=0.2)
+    assert data.classes == ("cat", "dog", "frog")
+    assert data.train.x.dtype == np.uint8 and data.train.x.shape[1:] == (3, 20, 20)
+    assert len(data.train) == 24 and len(data.val) == 6 and len(data.test) == 12
+    assert np.bincount(data.val.y).tolist() == [2, 2, 2]
+    assert np.bincount(data.test.y).tolist() == [4, 4, 4]
+    expected_mean = data.train.x.transpose(1, 0, 2, 3).reshape(3, -1).mean(axis=1) / 255
+    assert np.allclose(data.mean, expected_mean)
+
+
+def test_pixels_and_labels_match_the_files(image_folder, cache):
+    data = load_data(image_folder, cache_dir=cache)
+    pixels = np.asarray(Image.open(image_folder / "test" / "dog" / "0000.png")).transpose(2, 0, 1)
+    first_dog = np.flatnonzero(data.test.y == 1)[0]
+    assert np.array_equal(data.test.x[first_dog], pixels)
+
+
+def test_validation_split_depends_on_the_seed_only(image_folder, cache):
+    a, b, c = (load_data(image_folder, cache_dir=cache, seed=s) for s in (1, 1, 2))
+    assert np.array_equal(a.val.x, b.val.x)
+    assert not np.array_equal(a.val.x, c.val.x)
+
+
+def test_grayscale_jpeg_and_a_val_folder(tmp_path, cache):
+    root = make_image_folder(tmp_path / "gray", mode="L", suffix=".jpg", splits=("train", "val", "test"))
+    data = load_data(root, cache_dir=cache)
+    assert data.shape.channels == 1 and len(data.mean) == 1
+    assert len(data.val) == 9 and len(data.train) == 30
+
+
+def test_subset_is_stratified():
+    labels = np.repeat(np.arange(4), [100, 100, 50, 50])
+    index = stratified_subset(labels, 60, seed=0)
+    assert np.bincount(labels[index]).tolist() == [20, 20, 10, 10]
+    held, kept = stratified_split(labels, 0.1, seed=0)
+    assert np.bincount(labels[held]).tolist() == [10, 10, 5, 5]
+    assert len(np.intersect1d(held, kept)) == 0 and len(held) + len(kept) == len(labels)
+
+
+def test_second_load_reads_the_cache_without_decoding(image_folder, cache, monkeypatch):
+    first = load_data(image_folder, cache_dir=cache)
+    monkeypatch.setattr(data_module, "decode_split", lambda *a: pytest.fail("decoded twice"))
+    second = load_data(image_folder, cache_dir=cache)
+    assert np.array_equal(first.train.x, second.train.x)
+
+
+def write_cifar_batches(folder: Path, per_batch: int = 20) -> dict[str, np.ndarray]:
+    """A small data set in the official cifar-10-batches-py pickle format (bytes keys, protocol 2)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in ("data_batch_1", "data_batch_2", "test_batch"):
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(per_batch)]}
+        written[name] = batch[b"data"]
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f, protocol=2)
+    return written
+
+
+def test_official_pickle_format(tmp_path, cache):
+    written = write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    data = load_data(tmp_path / "cifar-10-batches-py", cache_dir=cache, val_fraction=0.25)
+    assert data.classes[0] == "airplane" and len(data.classes) == 10
+    assert len(data.train) + len(data.val) == 40 and len(data.test) == 20
+    assert np.array_equal(data.test.x, written["test_batch"].reshape(-1, 3, 32, 32))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, cache):
+    write_cifar_batches(tmp_path / "evil")
+    with open(tmp_path / "evil" / "test_batch", "wb") as f:
+        pickle.dump({b"data": shutil.rmtree}, f)
+    with pytest.raises(DataError, match="is not a CIFAR-10 batch file"):
+        load_data(tmp_path / "evil", cache_dir=cache)
+
+
+def make_archive(source: Path, target: Path) -> Path:
+    if target.suffix == ".zip":
+        with zipfile.ZipFile(target, "w") as z:
+            for path in source.rglob("*"):
+                z.write(path, path.relative_to(source.parent))
+    else:
+        with tarfile.open(target, "w:gz") as t:
+            t.add(source, arcname=source.name)
+    return target
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".zip"])
+def test_archives_of_an_image_folder_extract_once_by_content(tmp_path, cache, suffix):
+    folder = make_image_folder(tmp_path / "images")
+    archive = make_archive(folder, tmp_path / f"images{suffix}")
+    data = load_data(archive, cache_dir=cache)
+    assert len(data.test) == 12
+    renamed = archive.rename(tmp_path / f"renamed{suffix}")
+    assert np.array_equal(load_data(renamed, cache_dir=cache).train.x, data.train.x)
+    assert len([p for p in (cache / "extracted").iterdir() if p.is_dir()]) == 1
+
+
+def test_archive_of_the_pickle_format(tmp_path, cache):
+    write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    archive = make_archive(tmp_path / "cifar-10-batches-py", tmp_path / "cifar.tar.gz")
+    assert len(load_data(archive, cache_dir=cache).test) == 20
+
+
+def one_line_error(path, cache, **kwargs) -> str:
+    with pytest.raises(DataError) as error:
+        load_data(path, cache_dir=cache, **kwargs)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_path(tmp_path, cache):
+    message = one_line_error(tmp_path / "nowhere", cache)
+    assert "does not exist" in message and "nowhere" in message and "--data" in message
+
+
+def test_empty_folder(tmp_path, cache):
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in one_line_error(tmp_path / "empty", cache)
+
+
+def test_class_folder_without_images(image_folder, cache):
+    (image_folder / "train" / "bird").mkdir()
+    assert "train/bird has no PNG or JPEG images" in one_line_error(image_folder, cache)
+
+
+def test_corrupt_image_is_named(image_folder, cache):
+    (image_folder / "train" / "dog" / "0003.png").write_bytes(b"not a png at all")
+    message = one_line_error(image_folder, cache)
+    assert "cannot read image" in message and "dog/0003.png" in message
+
+
+def test_mixed_image_sizes(image_folder, cache):
+    Image.new("RGB", (24, 20)).save(image_folder / "train" / "cat" / "0001.png")
+    message = one_line_error(image_folder, cache)
+    assert "image sizes differ" in message and "24x20" in message
+
+
+def test_test_classes_must_match_train(image_folder, cache):
+    shutil.rmtree(image_folder / "test" / "frog")
+    assert "classes differ from train: missing ['frog']" in one_line_error(image_folder, cache)
+
+
+def test_a_file_that_is_not_an_archive(tmp_path, cache):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.tar.gz").write_bytes(b"garbage")
+    assert "not an archive" in one_line_error(tmp_path / "notes.txt", cache)
+    assert "not a readable archive" in one_line_error(tmp_path / "broken.tar.gz", cache)
+
+
+def test_archive_members_cannot_escape_the_cache(tmp_path, cache):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../escaped.txt", "x")
+    assert "unsafe path '../escaped.txt'" in one_line_error(archive, cache)
+    assert not (cache / "extracted" / "escaped.txt").exists() and not (cache / "escaped.txt").exists()
+
+
+def test_failed_download_says_offline_and_how_to_point_at_a_copy(cache, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    message = one_line_error("cifar10", cache)
+    assert "offline" in message and "--data" in message
+
+
+def test_shared_cifar10_copy_loads_in_full(cifar_archive):
+    data = load_data(cifar_archive)
+    assert (len(data.train), len(data.val), len(data.test)) == (45_000, 5_000, 10_000)
+    assert data.classes == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    assert np.bincount(data.test.y).tolist() == [1000] * 10

@@ -1,0 +1,83 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from tune_cnn.errors import ConfigError
+from tune_cnn.models import MODELS, InputShape, ModelConfig, build_model, count_parameters, register
+
+CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
+
+
+def test_default_config_is_the_seed_keras_model():
+    model = build_model(ModelConfig(), CIFAR)
+    assert count_parameters(model) == 122_570
+    assert [type(m).__name__ for m in model if not isinstance(m, nn.ReLU)] == [
+        "Conv2d", "MaxPool2d", "Conv2d", "MaxPool2d", "Conv2d", "Flatten", "Linear", "Linear",
+    ]
+
+
+def test_parameter_count_follows_the_keras_formula_for_same_padding():
+    # conv k x k: (k*k*in + 1) * out; after two 2x2 poolings of a 32x32 'same' map: 8x8x64 into Dense64.
+    k = 5
+    convs = (k * k * 3 + 1) * 32 + (k * k * 32 + 1) * 64 + (k * k * 64 + 1) * 64
+    dense = (8 * 8 * 64 + 1) * 64 + (64 + 1) * 10
+    model = build_model(ModelConfig(conv_width=k, padding="same"), CIFAR)
+    assert count_parameters(model) == convs + dense
+
+
+@pytest.mark.parametrize(
+    "pooling, conv_width, batch_norm, dropout",
+    list(itertools.product(["max", "avg"], [1, 3, 5], [False, True], [0.0, 0.5])),
+)
+def test_every_combination_builds_and_trains_one_step(pooling, conv_width, batch_norm, dropout):
+    config = ModelConfig(pooling=pooling, conv_width=conv_width, batch_norm=batch_norm, dropout=dropout)
+    model = build_model(config, CIFAR)
+    x = torch.randn(4, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model) == batch_norm
+    assert any(isinstance(m, nn.Dropout) for m in model) == (dropout > 0)
+    assert any(isinstance(m, nn.AvgPool2d) for m in model) == (pooling == "avg")
+
+
+def test_input_shape_comes_from_the_data():
+    gray = InputShape(channels=1, height=28, width=28, classes=5)
+    assert build_model(ModelConfig(), gray)(torch.randn(2, 1, 28, 28)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"conv_width": 2}, "odd integer"),
+        ({"conv_width": 0}, "odd integer"),
+        ({"dropout": 1.5}, "0 <= dropout < 1"),
+        ({"pooling": "min"}, "'max' or 'avg'"),
+        ({"padding": "full"}, "'valid' or 'same'"),
+        ({"model": "resnet9000"}, "choose one of: seed_cnn"),
+    ],
+)
+def test_invalid_settings_are_rejected(settings, words):
+    with pytest.raises(ConfigError, match=words):
+        ModelConfig(**settings)
+
+
+def test_a_feature_map_below_1x1_is_rejected_before_training():
+    with pytest.raises(ConfigError, match="conv_width 7 with valid padding shrinks a 32x32 image below 1x1"):
+        build_model(ModelConfig(conv_width=7), CIFAR)
+    assert count_parameters(build_model(ModelConfig(conv_width=7, padding="same"), CIFAR)) > 0
+
+
+def test_registry_builds_new_families_by_name():
+    @register("tiny_test_net")
+    def tiny(config: ModelConfig, shape: InputShape) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(shape.channels * shape.height * shape.width, shape.classes))
+
+    try:
+        model = build_model(ModelConfig(model="tiny_test_net"), CIFAR)
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    finally:
+        del MODELS["tiny_test_net"]

@@ -1,0 +1,95 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tune_cnn.data import load_data
+from tune_cnn.errors import ConfigError
+from tune_cnn.train import CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, load_checkpoint, train
+
+METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
+
+
+def quiet(folder):
+    return LocalCheckpoints(folder, echo=None)
+
+
+def test_reports_every_metric_every_epoch_and_checkpoints_on_schedule(small_data, tmp_path):
+    reporter = quiet(tmp_path)
+    config = TrainConfig.from_flat({"epochs": 5, "checkpoint_every": 2, "batch_size": 64})
+    history = train(config, small_data, reporter)
+    assert [m["epoch"] for m in reporter.history] == [1, 2, 3, 4, 5]
+    assert all(set(m) == METRICS for m in history)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_002", "epoch_004", "epoch_005"]
+    assert history[-1]["train_acc"] > 0.9 and history[-1]["val_acc"] > 0.9
+    assert all(0 <= m["val_loss"] and m["images_per_second"] > 0 for m in history)
+
+
+def test_checkpoints_load_with_weights_only(small_data, tmp_path):
+    train(TrainConfig.from_flat({"epochs": 1}), small_data, quiet(tmp_path))
+    state = torch.load(tmp_path / "epoch_001" / CHECKPOINT_FILE, weights_only=True)
+    assert state["epoch"] == 1 and {"model", "optimizer", "rng", "config"} <= set(state)
+
+
+@pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05}])
+def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
+    config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
+    straight = train(config, small_data, quiet(tmp_path / "straight"))
+    resumed = train(config, small_data, quiet(tmp_path / "resumed"), resume=load_checkpoint(tmp_path / "straight" / "epoch_002"))
+    assert [m["epoch"] for m in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+            assert a[key] == b[key], key
+
+
+def test_seeds_change_the_run(small_data, tmp_path):
+    runs = [train(TrainConfig.from_flat({"epochs": 1, "seed": s, "dropout": 0.2}), small_data, quiet(tmp_path / str(s))) for s in (0, 0, 1)]
+    assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"] != runs[2][0]["train_loss"]
+
+
+def test_augmentation_moves_pixels_within_the_padding_and_flips():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8)
+    assert augment_batch(x, "crop", generator).shape == x.shape
+    flipped = augment_batch(x, "flip", generator)
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
+    shifted = augment_batch(x, "crop", generator, pad=1)
+    assert set(shifted.unique().tolist()) <= set(x.unique().tolist()) | {0}
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"lr": 0}, "lr 0.0 is out of range"),
+        ({"epochs": 0}, "epochs 0 is out of range"),
+        ({"dropout": 1.5}, "dropout 1.5 is out of range"),
+        ({"batch_size": "big"}, "batch_size 'big' has the wrong type; expected int"),
+        ({"batch_norm": "yes"}, "batch_norm 'yes' has the wrong type; expected bool"),
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not allowed; use one of: adam, sgd"),
+        ({"learning_rate": 0.1}, "unknown setting(s) learning_rate; allowed:"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(settings, words):
+    with pytest.raises(ConfigError) as error:
+        TrainConfig.from_flat(settings)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_flat_round_trips():
+    config = TrainConfig.from_flat({"pooling": "avg", "conv_width": 5, "epochs": 3, "filters": [16, 32, 32]})
+    assert TrainConfig.from_flat(config.flat()) == config
+    assert config.model.filters == (16, 32, 32)
+
+
+def test_cli_bad_setting_is_one_line_and_exit_code_2():
+    run = subprocess.run([sys.executable, "-m", "tune_cnn.train", "--set", "dropout=1.5"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["error: dropout 1.5 is out of range; use 0 <= dropout < 1"]
+
+
+def test_seed_model_learns_real_cifar10(cifar_archive, tmp_path):
+    data = load_data(cifar_archive, subset=5000)
+    history = train(TrainConfig.from_flat({"epochs": 2}), data, quiet(tmp_path))
+    assert history[-1]["val_acc"] >= 0.35
+    assert history[-1]["test_acc"] >= 0.35
