@@ -1,0 +1,354 @@
+"""Search spaces: the one place that turns a `search_spaces/*.yaml` file into a typed, checked SearchSpace.
+
+Everything a sweep could trip over later (an unknown key or setting, a wrong type, a value out of range, a
+distribution in grid mode, a grid with no trials, a model that does not fit the images) is caught here,
+before Ray starts, as one ConfigError line naming the file, the key and what is allowed.
+See search_spaces/README.md for the format.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tune_cnn.errors import ConfigError
+from tune_cnn.models import MODEL_SETTINGS, InputShape, build_model
+from tune_cnn.train import SETTINGS, TrainConfig
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+TOP_KEYS = ("search", "metric", "mode", "samples", "scheduler", "resources", "fixed", "space", "subset", "seed")
+# Searches choose on training or validation metrics only: test metrics are reported, never used to choose.
+METRIC_MODES = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
+DISTRIBUTIONS = ("uniform", "loguniform", "int")
+SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
+AUTO_GPU_PER_TRIAL = 0.25  # `gpu: auto` packs 4 trials per GPU: a default pending measurement on real GPUs
+MAX_INT_PROBES = 64  # an int range up to this long is checked value by value
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """An Optuna distribution: uniform or loguniform over [low, high], or int over low..high inclusive."""
+
+    kind: Literal["uniform", "loguniform", "int"]
+    low: float
+    high: float
+
+    def probes(self) -> list[Any]:
+        """The values worth checking before a sampler may draw any value of the range."""
+        if self.kind == "int" and self.high - self.low < MAX_INT_PROBES:
+            return list(range(int(self.low), int(self.high) + 1))
+        return [self.low, self.high]
+
+    def describe(self) -> str:
+        return f"{self.kind}[{self.low:g}, {self.high:g}]"
+
+
+Values = tuple[Any, ...] | Distribution
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: int | None = None  # None: the trials' epochs
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float | Literal["auto"] = 0.0
+
+    def resolve_gpu(self, cluster_gpus: float) -> float:
+        """GPUs per trial on a cluster that has (or can scale to) `cluster_gpus`: none when it has none."""
+        if cluster_gpus <= 0:
+            return 0.0
+        return AUTO_GPU_PER_TRIAL if self.gpu == "auto" else float(self.gpu)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A checked search space. `fixed` holds constant settings, `space` the swept ones (flat setting names)."""
+
+    name: str
+    source: Path
+    text: str
+    search: Literal["grid", "optuna"] = "grid"
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    samples: int = 1
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Values] = field(default_factory=dict)
+    subset: int | None = None
+    seed: int = 0
+
+    @property
+    def swept(self) -> list[str]:
+        return list(self.space)
+
+    @property
+    def epochs(self) -> int:
+        """The most epochs any trial runs."""
+        return max(self._candidates("epochs"))
+
+    @property
+    def checkpoint_epochs(self) -> list[int]:
+        """Epochs at which some trial keeps a checkpoint: multiples of checkpoint_every, and each last epoch."""
+        epochs = set()
+        for last in self._candidates("epochs"):
+            for every in self._candidates("checkpoint_every"):
+                epochs.update(range(every, last + 1, every))
+            epochs.add(last)
+        return sorted(epochs)
+
+    @property
+    def trial_count(self) -> int:
+        if self.search == "optuna":
+            return self.samples
+        count = 1
+        for values in self.space.values():
+            count *= len(values)
+        return count
+
+    def grid_trials(self) -> list[dict[str, Any]]:
+        """Every trial of a grid search: fixed settings plus one combination of the swept values."""
+        names = self.swept
+        return [{**self.fixed, **dict(zip(names, combo))} for combo in itertools.product(*self.space.values())]
+
+    def check_models(self, shape: InputShape) -> None:
+        """Build every model the space can ask for on images of `shape`; a misfit is a ConfigError."""
+        names = [n for n in self.swept if n in MODEL_SETTINGS]
+        options = [_candidate_values(self.space[n]) for n in names]
+        for combo in itertools.product(*options):
+            settings = {**self.fixed, **dict(zip(names, combo))}
+            try:
+                build_model(TrainConfig.from_flat(settings).model, shape)
+            except ConfigError as error:
+                keys = ", ".join(f"{n}={v}" for n, v in zip(names, combo)) or "the fixed settings"
+                raise ConfigError(f"{self.source}: {keys}: {error}") from None
+
+    def _candidates(self, name: str) -> list[int]:
+        if name in self.space:
+            return list(_candidate_values(self.space[name]))
+        return [self.fixed.get(name, getattr(TrainConfig(), name))]
+
+
+# --- Loading ---------------------------------------------------------------------------------------------
+
+
+def space_names() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space_path(name_or_path: str | Path) -> Path:
+    """A space by file name (`seed`) from search_spaces/, or any YAML file by path."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = SPACES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"search space '{name_or_path}' not found; give a YAML file's path or one of: {', '.join(space_names())}"
+    )
+
+
+def load_space(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Read and check a space. `overrides` replace top-level keys; its `fixed` and `resources` are merged in."""
+    path = resolve_space_path(name_or_path)
+    text = path.read_text()
+    raw = parse_yaml(path, text)
+    for key, value in (overrides or {}).items():
+        if key in ("fixed", "resources"):
+            raw[key] = {**(raw.get(key) or {}), **value}
+        else:
+            raw[key] = value
+    return build_space(path, text, raw)
+
+
+def parse_yaml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error ({problem}); fix the file's indentation or quoting") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a search space is a YAML mapping of {', '.join(TOP_KEYS)}")
+    return raw
+
+
+def build_space(path: Path, text: str, raw: Mapping[str, Any]) -> SearchSpace:
+    """Check every key of a parsed space and return it typed; the first problem is a one-line ConfigError."""
+    fail = _Failer(path)
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        fail(unknown[0], f"unknown key; allowed keys: {', '.join(TOP_KEYS)}")
+    search = _choice(fail, raw, "search", ("grid", "optuna"), "grid")
+    metric = _choice(fail, raw, "metric", tuple(METRIC_MODES), "val_acc")
+    mode = _choice(fail, raw, "mode", ("max", "min"), METRIC_MODES[metric])
+    samples = _samples(fail, raw, search)
+    fixed = _fixed(fail, raw.get("fixed"))
+    space = _space(fail, raw.get("space"), fixed, search)
+    subset = None if raw.get("subset") is None else _integer(fail, "subset", raw["subset"], minimum=1)
+    seed = _integer(fail, "seed", raw.get("seed", 0), minimum=0)
+    result = SearchSpace(
+        name=path.stem, source=path, text=text, search=search, metric=metric, mode=mode, samples=samples,
+        resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, subset=subset, seed=seed,
+    )
+    _check_trials(fail, result)
+    return replace(result, scheduler=_scheduler(fail, raw.get("scheduler"), result.epochs))
+
+
+class _Failer:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, key: str, message: str) -> None:
+        raise ConfigError(f"{self.path}: {key}: {message}")
+
+
+def _choice(fail: _Failer, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], default: str, label: str = "") -> Any:
+    value = raw.get(key, default)
+    if value not in allowed:
+        fail(label or key, f"'{value}' is not allowed; use one of: {', '.join(allowed)}")
+    return value
+
+
+def _integer(fail: _Failer, key: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        fail(key, f"{value!r} is not allowed; use an integer >= {minimum}")
+    return value
+
+
+def _number(fail: _Failer, key: str, value: Any, minimum: float, strict: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or value < minimum or (strict and value == minimum):
+        fail(key, f"{value!r} is not allowed; use a number {'>' if strict else '>='} {minimum:g}")
+    return float(value)
+
+
+def _mapping(fail: _Failer, key: str, value: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        fail(key, f"expected a mapping of {', '.join(allowed)}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        fail(f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _samples(fail: _Failer, raw: Mapping[str, Any], search: str) -> int:
+    if search == "grid":
+        if raw.get("samples") is not None:
+            fail("samples", "applies to optuna search only; a grid runs each combination once (sweep `seed: [0, 1, 2]` to repeat it)")
+        return 1
+    return _integer(fail, "samples", raw.get("samples", 10), minimum=1)
+
+
+def _resources(fail: _Failer, raw: Any) -> Resources:
+    given = _mapping(fail, "resources", raw, ("cpu", "gpu"))
+    cpu = _number(fail, "resources.cpu", given.get("cpu", 1), minimum=0, strict=True)
+    gpu = given.get("gpu", 0)
+    if gpu != "auto":
+        gpu = _number(fail, "resources.gpu", gpu, minimum=0)
+        if gpu > 1 and gpu != int(gpu):
+            fail("resources.gpu", f"{gpu!r} is not allowed; use a fraction of one GPU (0.25, 0.5), a whole number, or auto")
+    return Resources(cpu=cpu, gpu=gpu)
+
+
+def _scheduler(fail: _Failer, raw: Any, epochs: int) -> Scheduler:
+    given = {"type": raw} if isinstance(raw, str) else dict(_mapping(fail, "scheduler", raw, SCHEDULER_KEYS))
+    kind = _choice(fail, given, "type", ("fifo", "asha"), "fifo", label="scheduler" if isinstance(raw, str) else "scheduler.type")
+    if kind == "fifo":
+        extra = sorted(set(given) - {"type"})
+        if extra:
+            fail(f"scheduler.{extra[0]}", "applies to the asha scheduler only; set `type: asha` or remove it")
+        return Scheduler()
+    max_t = _integer(fail, "scheduler.max_t", given.get("max_t", epochs), minimum=1)
+    grace = _integer(fail, "scheduler.grace_period", given.get("grace_period", 1), minimum=1)
+    if grace > max_t:
+        fail("scheduler.grace_period", f"{grace} is more than max_t {max_t}; use 1 to {max_t} epochs")
+    factor = _number(fail, "scheduler.reduction_factor", given.get("reduction_factor", 2), minimum=1, strict=True)
+    return Scheduler("asha", grace, factor, max_t)
+
+
+def _fixed(fail: _Failer, raw: Any) -> dict[str, Any]:
+    fixed = dict(_mapping(fail, "fixed", raw, SETTINGS))
+    for name, value in fixed.items():
+        _check_setting(fail, f"fixed.{name}", {name: value})
+    _check_setting(fail, "fixed", fixed)
+    return fixed
+
+
+def _space(fail: _Failer, raw: Any, fixed: Mapping[str, Any], search: str) -> dict[str, Values]:
+    given = _mapping(fail, "space", raw, SETTINGS)
+    if search == "optuna" and not given:
+        fail("space", "optuna needs at least one swept setting; list values or give a distribution")
+    space: dict[str, Values] = {}
+    for name, value in given.items():
+        key = f"space.{name}"
+        if name in fixed:
+            fail(key, "is both fixed and swept; keep it in one of `fixed` and `space`")
+        space[name] = _values(fail, key, name, value, search)
+        for probe in _candidate_values(space[name]):
+            _check_setting(fail, key, {**fixed, name: probe})
+    return space
+
+
+def _values(fail: _Failer, key: str, name: str, value: Any, search: str) -> Values:
+    if isinstance(value, Mapping):
+        if search == "grid":
+            fail(key, "distributions are for optuna search; in grid mode list the values, e.g. [0.001, 0.01]")
+        return _distribution(fail, key, name, value)
+    if not isinstance(value, list):
+        fail(key, f"{value!r} is one value; list the values to sweep, e.g. [{value!r}], or move it to `fixed`")
+    if not value:
+        fail(key, "an empty list yields no trials; list at least one value")
+    return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+
+
+def _distribution(fail: _Failer, key: str, name: str, value: Mapping[str, Any]) -> Distribution:
+    if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+        fail(key, f"a distribution is one of {{uniform: [a, b]}}, {{loguniform: [a, b]}}, {{int: [a, b]}}; got {dict(value)}")
+    kind, bounds = next(iter(value.items()))
+    if name in ("epochs", "checkpoint_every"):
+        fail(key, "sweep epochs and checkpoint_every as a list of values, not a distribution")
+    numbers = isinstance(bounds, list) and len(bounds) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds
+    )
+    if not numbers or bounds[0] >= bounds[1]:
+        fail(key, f"{kind} takes [low, high] with low < high; got {bounds!r}")
+    if kind == "int" and not all(isinstance(b, int) for b in bounds):
+        fail(key, f"int takes integer bounds; got {bounds!r}")
+    if kind == "loguniform" and bounds[0] <= 0:
+        fail(key, f"loguniform needs low > 0; got {bounds!r}")
+    return Distribution(kind, bounds[0], bounds[1])
+
+
+def _check_setting(fail: _Failer, key: str, settings: Mapping[str, Any]) -> None:
+    try:
+        TrainConfig.from_flat(settings)
+    except ConfigError as error:
+        fail(key, str(error))
+
+
+def _candidate_values(values: Values) -> list[Any]:
+    return values.probes() if isinstance(values, Distribution) else list(values)
+
+
+def _check_trials(fail: _Failer, space: SearchSpace) -> None:
+    """Every grid trial must make a valid config: settings can be valid alone and clash together."""
+    if space.search == "grid":
+        for trial in space.grid_trials():
+            _check_setting(fail, "space", trial)

@@ -1,0 +1,429 @@
+"""Run a search space as one Ray Tune sweep, on a laptop or a Ray cluster.
+
+    python -m tune_cnn.sweep [SPACE] [--data ...] [--storage DIR|s3://...] [--address auto] [--resume] [--dry-run]
+
+The driver checks the space and the models against the data before Ray starts, loads and decodes the data
+once and hands it to every trial through Ray's object store, writes `tune_cnn.json` (what the analysis
+needs to read the experiment folder) and lets Ray Tune schedule, checkpoint, retry and resume the trials.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tune_cnn.data import DataSplits, load_data
+from tune_cnn.errors import ConfigError, exit_on_user_error
+from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
+from tune_cnn.train import TrainConfig, load_checkpoint, train
+
+METADATA_FILE = "tune_cnn.json"
+PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
+BEST_ROWS = 5
+MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
+
+
+# --- The trainable (runs in a Ray worker) ------------------------------------------------------------------
+
+
+def trial_seed(sweep_seed: int, settings: dict[str, Any]) -> int:
+    """A trial's seed from the sweep seed and its settings, so a rerun of the sweep gives the same numbers."""
+    key = json.dumps({"sweep_seed": sweep_seed, "settings": settings}, sort_keys=True, default=str)
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (2**31)
+
+
+def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads: int) -> None:
+    """A Ray Tune function trainable: one config, resumed from Tune's checkpoint after a failure or restore."""
+    import ray
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    # Ray logs a line per saved checkpoint; the progress table already shows each trial's epoch.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    seed = trial_seed(sweep_seed, params)
+    config = TrainConfig.from_flat({**params, "seed": seed})
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder))
+    # Where a trial ran and with which seed, for clusters and for reruns.
+    extra = {"trial_seed": seed, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
+        tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+
+    train(config, data, report, resume)
+
+
+# --- Command line ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tune_cnn.sweep",
+        description="Run a search space as a Ray Tune sweep. Spaces: " + ", ".join(space_names()) + ", or a YAML path.",
+    )
+    parser.add_argument("space", nargs="?", default="seed", help="a space name from search_spaces/ or a YAML file (default: seed)")
+    parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
+    parser.add_argument("--storage", default="./tune_results", help="experiments folder, or a URI such as s3://bucket/path (default: ./tune_results)")
+    parser.add_argument("--name", default=None, help="experiment name (default: the space's name)")
+    parser.add_argument("--epochs", type=_positive_int, help="override the space's epochs")
+    parser.add_argument("--subset", type=_positive_int, help="train on a stratified subset of N images")
+    parser.add_argument("--samples", type=_positive_int, help="number of Optuna trials")
+    parser.add_argument("--cpus-per-trial", type=_positive_float, help="CPUs per trial (also its torch threads)")
+    parser.add_argument("--gpus-per-trial", type=_gpu_amount, help="GPUs per trial: 0, a fraction such as 0.5, a whole number, or auto")
+    parser.add_argument("--max-concurrent", type=_positive_int, help="run at most N trials at once")
+    parser.add_argument("--address", default=None, help="join a running Ray cluster (auto on its head node)")
+    parser.add_argument("--seed", type=_non_negative_int, help="sweep seed (trial seeds and the Optuna sampler derive from it)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and their resources, then exit without starting Ray")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use an integer >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use an integer >= 0")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use a number > 0")
+    return value
+
+
+def _gpu_amount(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use a number >= 0 or auto") from None
+
+
+def space_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's changes to the space, checked by the space's own validation."""
+    overrides: dict[str, Any] = {}
+    if args.epochs is not None:
+        overrides["fixed"] = {"epochs": args.epochs}
+    resources = {k: v for k, v in (("cpu", args.cpus_per_trial), ("gpu", args.gpus_per_trial)) if v is not None}
+    if resources:
+        overrides["resources"] = resources
+    for key in ("subset", "samples", "seed"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return overrides
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    space = load_space(args.space, space_overrides(args))
+    data = load_data(args.data, subset=space.subset, seed=space.seed)
+    space.check_models(data.shape)
+    if args.dry_run:
+        print(describe_trials(space, data))
+        return 0
+    experiment = Experiment(args.storage, args.name or space.name)
+    metadata = sweep_metadata(space, data)
+    experiment.check(resume=args.resume, metadata=metadata)
+    results = run_sweep(space, data, experiment, args)
+    return report_results(results, space, experiment)
+
+
+# --- Dry run -----------------------------------------------------------------------------------------------
+
+
+def describe_trials(space: SearchSpace, data: DataSplits) -> str:
+    lines = [f"{space.source}: {space.search} search, {space.trial_count} trial(s), {space.metric} ({space.mode})", data.describe()]
+    lines.append(f"fixed: {_settings_text(space.fixed)}")
+    lines.append(f"resources per trial: cpu {space.resources.cpu:g}, gpu {_gpu_text(space.resources.gpu)}")
+    lines.append(f"checkpoints at epochs {', '.join(map(str, space.checkpoint_epochs))}; scheduler {_scheduler_text(space)}")
+    if space.search == "grid":
+        swept = space.swept
+        lines += [f"trial {i + 1}: {_settings_text({n: t[n] for n in swept})}" for i, t in enumerate(space.grid_trials())]
+    else:
+        lines.append(f"{space.samples} trial(s) drawn by Optuna TPE (seed {space.seed}) from:")
+        lines += [f"  {name}: {_values_text(values)}" for name, values in space.space.items()]
+    return "\n".join(lines)
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(none)"
+
+
+def _values_text(values: Any) -> str:
+    return values.describe() if isinstance(values, Distribution) else "one of " + ", ".join(map(str, values))
+
+
+def _gpu_text(gpu: float | str) -> str:
+    if gpu == "auto":
+        return f"auto ({AUTO_GPU_PER_TRIAL:g} when the cluster has GPUs, else none)"
+    return f"{gpu:g}" + (" (dropped when the cluster has no GPU)" if gpu else "")
+
+
+def _scheduler_text(space: SearchSpace) -> str:
+    s = space.scheduler
+    if s.type == "fifo":
+        return "fifo (every trial runs to the end)"
+    return f"asha (grace period {s.grace_period}, reduction factor {s.reduction_factor:g}, max_t {s.max_t})"
+
+
+# --- Storage and metadata ----------------------------------------------------------------------------------
+
+
+class Experiment:
+    """The experiment folder, local or on cloud storage (pyarrow file systems speak both)."""
+
+    def __init__(self, storage: str, name: str):
+        self.is_uri = "://" in storage
+        self.storage = storage.rstrip("/") if self.is_uri else str(Path(storage).expanduser().resolve())
+        self.name = name
+        self.path = f"{self.storage}/{name}"
+
+    def _fs(self):
+        import pyarrow.fs
+
+        return pyarrow.fs.FileSystem.from_uri(self.path)
+
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        fs, path = self._fs()
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def read_metadata(self) -> dict[str, Any] | None:
+        fs, path = self._fs()
+        try:
+            with fs.open_input_stream(f"{path}/{METADATA_FILE}") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        fs, path = self._fs()
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{METADATA_FILE}") as f:
+            f.write(json.dumps(metadata, indent=2).encode())
+
+    def check(self, resume: bool, metadata: dict[str, Any]) -> None:
+        """A new sweep needs a fresh name; a resumed one needs its experiment, run with the same inputs."""
+        from ray.tune import Tuner
+
+        if not resume:
+            if self.exists():
+                raise ConfigError(f"experiment {self.path} already exists; add --resume to continue it or choose another --name")
+            return
+        if not Tuner.can_restore(self.path):
+            raise ConfigError(f"no experiment to resume at {self.path}; check --storage and --name, or drop --resume")
+        stored = self.read_metadata() or {}
+        for key in ("space_yaml", "data", "subset", "sweep_seed", "fixed"):
+            if stored.get(key) != metadata[key]:
+                raise ConfigError(f"experiment {self.path} was started with another {key}; resume it with the same space and options")
+
+
+def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
+    """What the analysis needs to read the experiment folder without importing the trainable."""
+    return {
+        "space": space.name,
+        "space_path": str(space.source),
+        "space_yaml": space.text,
+        "search": space.search,
+        "metric": space.metric,
+        "mode": space.mode,
+        "swept": space.swept,
+        "fixed": json.loads(json.dumps(space.fixed)),
+        "checkpoint_epochs": space.checkpoint_epochs,
+        "epochs": space.epochs,
+        "data": data.source,
+        "subset": space.subset,
+        "sweep_seed": space.seed,
+    }
+
+
+# --- Ray ---------------------------------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None) -> bool:
+    """Start Ray locally, or join the cluster at `address`; True when this call started the session."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # No dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own).
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def cluster_gpus() -> float:
+    """GPUs the cluster has now, or can scale to when an autoscaler is configured with GPU node types."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        from ray._private.state import state
+
+        scalable = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    except Exception:  # a private API: without it, count only the GPUs that are there
+        scalable = 0
+    return max(gpus, float(scalable))
+
+
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """The space's resources per trial on this cluster: GPU requests are dropped where no GPU can come."""
+    requested = space.resources.gpu
+    gpu = space.resources.resolve_gpu(cluster_gpus())
+    if requested and not gpu:
+        print(f"notice: the Ray cluster has no GPU; running the trials on CPUs only (the space asks for gpu {requested})")
+    return {"cpu": space.resources.cpu, "gpu": gpu}
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    def domain(values: Any) -> Any:
+        if space.search == "grid":
+            return tune.grid_search(list(values))
+        if not isinstance(values, Distribution):
+            return tune.choice(list(values))
+        if values.kind == "int":
+            return tune.randint(int(values.low), int(values.high) + 1)  # randint excludes its upper bound
+        return (tune.uniform if values.kind == "uniform" else tune.loguniform)(values.low, values.high)
+
+    return {**space.fixed, **{name: domain(values) for name, values in space.space.items()}}
+
+
+def make_trainable(space: SearchSpace, data: DataSplits, resources: dict[str, float]):
+    from ray import tune
+
+    threads = max(1, int(resources["cpu"]))
+    # with_parameters puts the decoded data set into the object store once; trials read it from there.
+    trainable = tune.with_parameters(run_trial, data=data, sweep_seed=space.seed, threads=threads)
+    return tune.with_resources(trainable, resources)
+
+
+def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, resources: dict[str, float], max_concurrent: int | None):
+    from ray import tune
+    from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    scheduler = None
+    if space.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = space.scheduler
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    search_alg = None
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=space.seed)
+    reporter = CLIReporter(
+        parameter_columns=space.swept, metric_columns=list(PROGRESS_METRICS), max_report_frequency=10, sort_by_metric=True,
+    )
+    return Tuner(
+        make_trainable(space, data, resources),
+        param_space=param_space(space),
+        tune_config=TuneConfig(
+            metric=space.metric, mode=space.mode, num_samples=space.samples, scheduler=scheduler,
+            search_alg=search_alg, max_concurrent_trials=max_concurrent,
+        ),
+        run_config=RunConfig(
+            name=experiment.name, storage_path=experiment.storage, verbose=1, progress_reporter=reporter,
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # every snapshot is kept for the analysis
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+        ),
+    )
+
+
+def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args: argparse.Namespace):
+    import ray
+    from ray.tune import Tuner
+
+    # The compact CLIReporter table needs Tune's classic output engine.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = connect_ray(args.address)
+    try:
+        resources = trial_resources(space)
+        warn_if_storage_is_not_shared(experiment)
+        if args.resume:
+            restored = make_trainable(space, data, resources)
+            tuner = Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True)
+        else:
+            experiment.write_metadata(sweep_metadata(space, data))
+            tuner = make_tuner(space, data, experiment, resources, args.max_concurrent)
+        return tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def warn_if_storage_is_not_shared(experiment: Experiment) -> None:
+    import ray
+
+    if not experiment.is_uri and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        print(
+            f"notice: storage {experiment.storage} is a local folder on a multi-node cluster; trials on other nodes "
+            f"can only save there if it is shared (NFS); use --storage s3://... otherwise"
+        )
+
+
+# --- The end of a sweep ------------------------------------------------------------------------------------
+
+
+def report_results(results, space: SearchSpace, experiment: Experiment) -> int:
+    """Print the best trials, the experiment folder and the analysis; 0 if every trial finished, else 1."""
+    print_best(results, space)
+    print(f"experiment: {experiment.path}")
+    print_analysis(experiment)
+    failed = [r for r in results if r.error]
+    if failed:
+        names = ", ".join(f"{Path(r.path).name} ({_settings_text({n: r.config.get(n) for n in space.swept})})" for r in failed)
+        print(f"{len(failed)} trial(s) errored: {names}; see error.txt in their folders", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_best(results, space: SearchSpace) -> None:
+    frame = results.get_dataframe(filter_metric=space.metric, filter_mode=space.mode)
+    if frame.empty or space.metric not in frame:
+        print("no trial reported a result")
+        return
+    columns = [f"config/{n}" for n in space.swept] + [c for c in ("epoch", "val_acc", "val_loss", "test_acc") if c in frame]
+    best = frame.sort_values(space.metric, ascending=space.mode == "min").head(BEST_ROWS)[columns]
+    best.columns = [c.removeprefix("config/") for c in columns]
+    print(f"best trials by {space.metric} ({space.mode}, best epoch of each):")
+    print(best.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def print_analysis(experiment: Experiment) -> None:
+    try:
+        from tune_cnn.analysis import write_analysis
+    except ImportError:  # the analysis module lands in its own issue
+        print(f"results: {experiment.path} (load them with ray.tune.ExperimentAnalysis)")
+        return
+    print(f"analysis: {write_analysis(experiment.path)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
