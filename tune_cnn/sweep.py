@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("space", nargs="?", default="seed", help="a space name from search_spaces/ or a YAML file (default: seed)")
     parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
-    parser.add_argument("--storage", default="./tune_results", help="experiments folder, or a URI such as s3://bucket/path (default: ./tune_results)")
+    parser.add_argument("--storage", default=os.environ.get("TUNE_CNN_STORAGE", "./tune_results"),
+                        help="experiments folder, or a URI such as s3://bucket/path (default: $TUNE_CNN_STORAGE, else ./tune_results)")
     parser.add_argument("--name", default=None, help="experiment name (default: the space's name)")
     parser.add_argument("--epochs", type=_positive_int, help="override the space's epochs")
     parser.add_argument("--subset", type=_positive_int, help="train on a stratified subset of N images")

@@ -1,0 +1,157 @@
+"""Search spaces: the shipped spaces, the YAML format's rules, and a one-line error for every bad space."""
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tune_cnn.errors import ConfigError
+from tune_cnn.models import InputShape
+from tune_cnn.space import SPACES_DIR, Distribution, Resources, load_space, space_names
+
+CIFAR_SHAPE = InputShape(3, 32, 32, 10)
+
+
+def write_space(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_spaces_are_all_there_and_valid_on_cifar():
+    assert {"seed", "regularization", "optuna", "quick"} <= set(space_names())
+    for name in space_names():
+        load_space(name).check_models(CIFAR_SHAPE)
+
+
+def test_seed_space_is_the_seeds_experiment():
+    space = load_space("seed")
+    assert space.search == "grid" and space.metric == "val_acc" and space.mode == "max"
+    assert space.swept == ["pooling", "conv_width"]
+    assert {(t["pooling"], t["conv_width"]) for t in space.grid_trials()} == {(p, w) for p in ("max", "avg") for w in (3, 5, 7)}
+    assert space.trial_count == 6
+    fixed = space.fixed
+    assert (fixed["epochs"], fixed["checkpoint_every"], fixed["batch_size"], fixed["optimizer"], fixed["lr"]) == (30, 10, 32, "adam", 0.001)
+    assert space.checkpoint_epochs == [10, 20, 30]
+
+
+def test_regularization_and_quick_spaces():
+    reg = load_space("regularization")
+    assert reg.trial_count == 6 and reg.swept == ["batch_norm", "dropout"]
+    quick = load_space("quick")
+    assert quick.trial_count == 4 and quick.epochs == 2 and quick.subset is not None
+
+
+def test_optuna_space_has_distributions_and_asha():
+    space = load_space("optuna")
+    assert space.search == "optuna" and space.scheduler.type == "asha" and space.samples > 1
+    assert set(space.swept) == {"pooling", "conv_width", "batch_norm", "dropout", "weight_decay", "lr"}
+    assert space.space["lr"] == Distribution("loguniform", 1e-4, 3e-3)
+    assert space.scheduler.max_t == 30
+
+
+def test_a_space_by_path_and_by_name_are_the_same(tmp_path: Path):
+    copy = write_space(tmp_path, (SPACES_DIR / "seed.yaml").read_text())
+    assert load_space(copy).grid_trials() == load_space("seed").grid_trials()
+
+
+def test_overrides_merge_fixed_and_resources():
+    space = load_space("quick", {"fixed": {"epochs": 5}, "resources": {"gpu": 0.5}, "subset": 100, "seed": 3})
+    assert space.fixed["epochs"] == 5 and space.fixed["lr"] == 0.001
+    assert space.resources == Resources(cpu=1.0, gpu=0.5)
+    assert (space.subset, space.seed) == (100, 3)
+
+
+def test_checkpoint_epochs_include_the_last_epoch_of_every_trial(tmp_path: Path):
+    path = write_space(tmp_path, """
+        fixed: {checkpoint_every: 4}
+        space: {epochs: [6, 10]}
+    """)
+    assert load_space(path).checkpoint_epochs == [4, 6, 8, 10]
+
+
+def test_gpu_auto_packs_four_trials_per_gpu_and_is_dropped_without_gpus():
+    auto = Resources(gpu="auto")
+    assert auto.resolve_gpu(cluster_gpus=2) == 0.25
+    assert auto.resolve_gpu(cluster_gpus=0) == 0
+    assert Resources(gpu=0.5).resolve_gpu(cluster_gpus=0) == 0
+    assert Resources(gpu=0.5).resolve_gpu(cluster_gpus=1) == 0.5
+
+
+def test_int_distributions_are_inclusive_and_checked_value_by_value(tmp_path: Path):
+    ok = write_space(tmp_path, """
+        search: optuna
+        space: {dense_units: {int: [8, 64]}}
+    """, "ok.yaml")
+    assert load_space(ok).space["dense_units"].probes()[-1] == 64
+    even = write_space(tmp_path, """
+        search: optuna
+        space: {conv_width: {int: [3, 7]}}
+    """, "even.yaml")
+    with pytest.raises(ConfigError, match=r"even\.yaml: space\.conv_width: conv_width 4 is not allowed"):
+        load_space(even)
+
+
+BAD_SPACES = {
+    "unknown top-level key": ("serach: grid\n", r"serach: unknown key; allowed keys: search, metric"),
+    "unknown setting in space": ("space: {colour: [red]}\n", r"space\.colour: unknown key; allowed: .*pooling"),
+    "unknown setting in fixed": ("fixed: {learning_rate: 0.1}\n", r"fixed\.learning_rate: unknown key"),
+    "wrong type": ("fixed: {epochs: ten}\n", r"fixed\.epochs: epochs 'ten' has the wrong type; expected int"),
+    "wrong type in a grid": ("space: {batch_norm: [true, 'yes']}\n", r"space\.batch_norm: batch_norm 'yes' has the wrong type"),
+    "dropout out of range": ("space: {dropout: [0.0, 1.5]}\n", r"space\.dropout: dropout 1\.5 is out of range; use 0 <= dropout < 1"),
+    "negative gpu": ("resources: {gpu: -1}\n", r"resources\.gpu: -1 is not allowed; use a number >= 0"),
+    "gpu neither number nor auto": ("resources: {gpu: lots}\n", r"resources\.gpu: 'lots' is not allowed"),
+    "zero cpu": ("resources: {cpu: 0}\n", r"resources\.cpu: 0 is not allowed; use a number > 0"),
+    "distribution in grid mode": ("space: {lr: {loguniform: [0.0001, 0.01]}}\n", r"space\.lr: distributions are for optuna search"),
+    "a grid with no trials": ("space: {pooling: []}\n", r"space\.pooling: an empty list yields no trials"),
+    "a single value in space": ("space: {pooling: max}\n", r"space\.pooling: 'max' is one value; list the values"),
+    "fixed and swept": ("fixed: {pooling: max}\nspace: {pooling: [max, avg]}\n", r"space\.pooling: is both fixed and swept"),
+    "unknown search": ("search: random\n", r"search: 'random' is not allowed; use one of: grid, optuna"),
+    "test metric": ("metric: test_acc\n", r"metric: 'test_acc' is not allowed; use one of: val_acc"),
+    "samples in grid mode": ("samples: 4\n", r"samples: applies to optuna search only"),
+    "optuna without a space": ("search: optuna\n", r"space: optuna needs at least one swept setting"),
+    "zero samples": ("search: optuna\nsamples: 0\nspace: {pooling: [max]}\n", r"samples: 0 is not allowed; use an integer >= 1"),
+    "unknown distribution": ("search: optuna\nspace: {lr: {normal: [0, 1]}}\n", r"space\.lr: a distribution is one of"),
+    "reversed bounds": ("search: optuna\nspace: {lr: {uniform: [0.1, 0.01]}}\n", r"space\.lr: uniform takes \[low, high\] with low < high"),
+    "loguniform from zero": ("search: optuna\nspace: {weight_decay: {loguniform: [0, 0.1]}}\n", r"loguniform needs low > 0"),
+    "distribution out of range": ("search: optuna\nspace: {dropout: {uniform: [0.0, 1.5]}}\n", r"space\.dropout: dropout 1\.5 is out of range"),
+    "unknown scheduler": ("scheduler: hyperband\n", r"scheduler: 'hyperband' is not allowed; use one of: fifo, asha"),
+    "asha setting on fifo": ("scheduler: {type: fifo, grace_period: 2}\n", r"scheduler\.grace_period: applies to the asha scheduler only"),
+    "grace period past the end": ("fixed: {epochs: 3}\nscheduler: {type: asha, grace_period: 5}\n", r"scheduler\.grace_period: 5 is more than max_t 3"),
+    "not a mapping": ("- pooling\n- conv_width\n", r"a search space is a YAML mapping"),
+    "subset zero": ("subset: 0\n", r"subset: 0 is not allowed; use an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_bad_space_is_one_line_naming_file_and_key(tmp_path: Path, case: str):
+    text, expected = BAD_SPACES[case]
+    path = write_space(tmp_path, text, "bad.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_space(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert re.search(expected, message), message
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
+    path = write_space(tmp_path, "search: grid\nspace:\n  pooling: [max, avg\n  conv_width: [3]\n", "broken.yaml")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line \d+: YAML syntax error") as caught:
+        load_space(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_space_name_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match=r"search space 'nope' not found; .*one of: .*quick.*seed"):
+        load_space("nope")
+
+
+def test_a_model_that_does_not_fit_the_images_is_caught_before_training(tmp_path: Path):
+    path = write_space(tmp_path, "space: {conv_width: [3, 7]}\n", "valid.yaml")  # valid padding: 7 is too wide for 32x32
+    space = load_space(path)
+    with pytest.raises(ConfigError, match=r"valid\.yaml: conv_width=7: conv_width 7 with valid padding shrinks a 32x32"):
+        space.check_models(CIFAR_SHAPE)
+    space.check_models(InputShape(3, 64, 64, 10))

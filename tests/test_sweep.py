@@ -1,0 +1,236 @@
+"""The sweep command: a grid end to end, Optuna with ASHA, resume after a killed driver, dry runs, bad input.
+
+Tests that run trials in this process share one small Ray session; the command-line tests start their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_folder
+from tune_cnn import sweep
+from tune_cnn.space import load_space
+
+QUICK_TRIALS = 4
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class={"train": 40, "test": 10}, size=(20, 20))
+
+
+@pytest.fixture(autouse=True)
+def decode_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNE_CNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One Ray session for the in-process sweeps: `sweep.main` joins it instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def write_space(folder: Path, text: str, name: str = "space.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tune_cnn.sweep", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def trial_results(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial folder's reported results, in order."""
+    results = {}
+    for folder in sorted(p for p in experiment.iterdir() if (p / "result.json").exists()):
+        lines = (folder / "result.json").read_text().splitlines()
+        results[folder.name] = [json.loads(line) for line in lines if line.strip()]
+    return results
+
+
+def test_trial_seed_depends_on_sweep_seed_and_settings_only():
+    settings = {"pooling": "max", "conv_width": 3}
+    assert sweep.trial_seed(0, settings) == sweep.trial_seed(0, dict(reversed(settings.items())))
+    assert sweep.trial_seed(0, settings) != sweep.trial_seed(1, settings)
+    assert sweep.trial_seed(0, settings) != sweep.trial_seed(0, {**settings, "conv_width": 5})
+
+
+def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Path):
+    storage = tmp_path / "results"
+    done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(storage))
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = storage / "quick"
+    results = trial_results(experiment)
+    assert len(results) == QUICK_TRIALS == load_space("quick").trial_count
+    for name, history in results.items():
+        assert [r["epoch"] for r in history] == [1, 2], name
+        assert {"val_acc", "val_loss", "test_acc", "trial_seed", "node_id"} <= set(history[-1])
+        checkpoints = sorted(p.name for p in (experiment / name).glob("checkpoint_*"))
+        assert len(checkpoints) == 2 and all((experiment / name / c / "checkpoint.pt").exists() for c in checkpoints)
+    settings = {(h[-1]["config"]["pooling"], h[-1]["config"]["conv_width"]) for h in results.values()}
+    assert settings == {(p, w) for p in ("max", "avg") for w in (3, 5)}
+    metadata = json.loads((experiment / "tune_cnn.json").read_text())
+    assert metadata["swept"] == ["pooling", "conv_width"] and metadata["checkpoint_epochs"] == [1, 2]
+    assert metadata["space_yaml"] == load_space("quick").text and metadata["sweep_seed"] == 0
+    assert "best trials by val_acc" in done.stdout and f"experiment: {experiment}" in done.stdout
+    assert "notice: the Ray cluster has no GPU" in done.stdout  # quick asks for `gpu: auto`
+
+
+def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    storage = tmp_path / "results"
+    code = sweep.main(["seed", "--data", str(images), "--storage", str(storage), "--dry-run", "--epochs", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    trials = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("trial ")]
+    expected = [f"pooling={p}, conv_width={w}" for p, w in ((t["pooling"], t["conv_width"]) for t in load_space("seed").grid_trials())]
+    assert trials == expected and len(trials) == 6
+    assert "epochs=3" in out and "resources per trial: cpu 1, gpu auto" in out
+    assert not storage.exists()
+
+
+def test_dry_run_of_an_optuna_space_shows_its_distributions(images: Path, capsys: pytest.CaptureFixture):
+    assert sweep.main(["optuna", "--data", str(images), "--dry-run", "--samples", "7", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "7 trial(s) drawn by Optuna TPE (seed 5)" in out and "lr: loguniform[0.0001, 0.003]" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], "search space 'nope' not found"),
+        (["BAD"], "space.dropout: dropout 1.5 is out of range"),
+        (["WIDE"], "conv_width=7: conv_width 7 with valid padding shrinks a 20x20 image"),
+        (["quick", "--samples", "3"], "samples: applies to optuna search only"),
+        (["quick", "--gpus-per-trial", "-1"], "resources.gpu: -1.0 is not allowed"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args, message):
+    spaces = {"BAD": "space: {dropout: [0.0, 1.5]}\n", "WIDE": "space: {conv_width: [3, 7]}\n"}
+    if args[0] in spaces:
+        args = [str(write_space(tmp_path, spaces[args[0]], f"{args[0]}.yaml")), *args[1:]]
+    storage = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([*args, "--data", str(images), "--subset", "30", "--storage", str(storage)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not storage.exists()
+
+
+def test_an_existing_experiment_needs_resume_or_another_name(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    (tmp_path / "results" / "quick").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["quick", "--data", str(images), "--subset", "30", "--storage", str(tmp_path / "results")])
+    assert exit_info.value.code == 2
+    assert "already exists; add --resume to continue it or choose another --name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["quick", "--data", str(images), "--subset", "30", "--storage", str(tmp_path / "elsewhere"), "--resume"])
+    assert "no experiment to resume" in capsys.readouterr().err
+
+
+def test_optuna_with_asha_stops_weak_trials_early(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    # val_loss, unlike accuracy on a few images, has no ties, so ASHA's cut is clear-cut.
+    space = write_space(tmp_path, """
+        search: optuna
+        metric: val_loss
+        samples: 8
+        scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+        resources: {cpu: 1, gpu: 0.5}
+        fixed: {epochs: 4, checkpoint_every: 2, padding: same, filters: [8, 8, 8]}
+        space:
+          pooling: [max, avg]
+          lr: {loguniform: [1.0e-5, 3.0e-2]}
+          dropout: {uniform: [0.0, 0.5]}
+          dense_units: {int: [8, 32]}
+    """)
+    storage = tmp_path / "results"
+    code = sweep.main([str(space), "--data", str(images), "--subset", "90", "--storage", str(storage), "--seed", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "notice: the Ray cluster has no GPU; running the trials on CPUs only (the space asks for gpu 0.5)" in out
+    results = trial_results(storage / "space")
+    assert len(results) == 8
+    configs = [tuple(h[-1]["config"][k] for k in ("pooling", "lr", "dropout", "dense_units")) for h in results.values()]
+    assert len(set(configs)) == 8
+    assert all(8 <= c[3] <= 32 and 1e-5 <= c[1] <= 3e-2 for c in configs)
+    last_epochs = [h[-1]["epoch"] for h in results.values()]
+    assert min(last_epochs) < 4 and max(last_epochs) == 4, last_epochs
+
+
+def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    # Asking for CUDA on a machine without it fails inside the trial, after its retries.
+    space = write_space(tmp_path, """
+        fixed: {epochs: 1, device: cuda, padding: same}
+        space: {pooling: [max]}
+    """)
+    code = sweep.main([str(space), "--data", str(images), "--subset", "30", "--storage", str(tmp_path / "results")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 trial(s) errored: run_trial_" in captured.err and "(pooling=max)" in captured.err
+
+
+def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):
+    space = write_space(tmp_path, """
+        resources: {cpu: 1}
+        fixed: {epochs: 3, checkpoint_every: 1, padding: same}
+        space: {pooling: [max, avg], conv_width: [3, 5]}
+    """)
+    storage = tmp_path / "results"
+    experiment = storage / "space"
+    args = [str(space), "--data", str(images), "--storage", str(storage), "--max-concurrent", "1"]
+    # Save the experiment state every second (Ray's default is every 10 s or more) so the kill lands after a save.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "tune_cnn.sweep", *args], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        finished = wait_for_finished_trials(experiment, driver, timeout=180)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        driver.wait()
+    before = {name: (experiment / name / "result.json").read_text() for name in finished}
+    assert 0 < len(finished) < QUICK_TRIALS, "the sweep ended before it could be killed"
+
+    done = run_cli(*args, "--resume", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = trial_results(experiment)
+    assert len(results) == QUICK_TRIALS
+    assert all(history[-1]["epoch"] == 3 for history in results.values())
+    for name, text in before.items():
+        assert (experiment / name / "result.json").read_text() == text, f"{name} ran again"
+
+
+def wait_for_finished_trials(experiment: Path, driver: subprocess.Popen, timeout: float) -> list[str]:
+    """Folders of the trials that the experiment state saved on disk already calls TERMINATED."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and driver.poll() is None:
+        finished = saved_trial_folders(experiment, "TERMINATED")
+        if finished:
+            return finished
+        time.sleep(0.1)
+    return []
+
+
+def saved_trial_folders(experiment: Path, status: str) -> list[str]:
+    try:
+        state = json.loads(next(experiment.glob("experiment_state-*.json")).read_text())
+    except (StopIteration, FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+        return []
+    trials = [json.loads(trial) if isinstance(trial, str) else trial for trial, _ in state["trial_data"]]
+    return [t["relative_logdir"] for t in trials if t["status"] == status]
