@@ -1,0 +1,721 @@
+"""Read a sweep's experiment folder into one tidy DataFrame and turn it into tables, findings, plots and a report.
+
+    python -m tune_cnn.analysis EXPERIMENT [--by SETTING ...] [--epochs 10 20 30] [--out DIR]
+
+`load()` reads Ray Tune's files directly (params.json, result.json, error.txt and the newest
+experiment_state-*.json in each trial folder), so it needs neither a running Ray nor the trainable, and
+reads interrupted sweeps as well as finished ones. The sweep's `tune_cnn.json` names the swept settings and
+the snapshot epochs; without it both are worked out from the trials.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import posixpath
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from tune_cnn.errors import TuneCnnError, exit_on_user_error
+
+METADATA_FILE = "tune_cnn.json"
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
+FINISHED, STOPPED, ERRORED, RUNNING = "finished", "stopped early", "errored", "running"
+STATS = ("mean", "std", "count", "min", "max")
+At = Literal["epochs", "last", "best"]
+# A setting with more distinct numeric values than this (an Optuna range) is split at its median: groups of
+# one trial each would say nothing about trial-to-trial noise.
+MAX_LEVELS = 6
+# Validation loss wanders by a few percent from epoch to epoch; a smaller rise is not called overfitting.
+OVERFIT_RISE = 0.05
+PANELS = (("train_acc", "training accuracy (%)"), ("val_acc", "validation accuracy (%)"), ("val_loss", "validation loss (cross-entropy)"))
+BEST_ROWS = 5
+
+
+class AnalysisError(TuneCnnError):
+    """The path is not an experiment folder, or the analysis was asked for something the sweep lacks."""
+
+
+# --- Reading an experiment folder --------------------------------------------------------------------------
+
+
+@dataclass
+class Storage:
+    """A folder on a local disk or on anything pyarrow's file systems read (s3://, gs://, file://)."""
+
+    fs: Any
+    root: str
+    location: str
+
+    @classmethod
+    def open(cls, location: str | Path) -> Storage:
+        import pyarrow.fs
+
+        text = str(location)
+        if "://" in text:
+            fs, root = pyarrow.fs.FileSystem.from_uri(text)
+            return cls(fs, root.rstrip("/"), text.rstrip("/"))
+        local = Path(text).expanduser().resolve()
+        return cls(pyarrow.fs.LocalFileSystem(), local.as_posix(), str(local))
+
+    def kind(self, relative: str = "") -> str:
+        import pyarrow.fs
+
+        kind = self.fs.get_file_info(self._path(relative)).type
+        return {pyarrow.fs.FileType.Directory: "folder", pyarrow.fs.FileType.File: "file"}.get(kind, "missing")
+
+    def listing(self, relative: str = "") -> tuple[list[str], list[str]]:
+        """Names of the files and of the folders directly inside `relative`."""
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(relative)))
+        files = sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.File)
+        folders = sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory)
+        return files, folders
+
+    def read_text(self, relative: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self._path(relative)) as stream:
+                return stream.read().decode()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative) if relative else self.root
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    settings: dict[str, Any]
+    reports: list[dict[str, Any]]
+    status: str
+
+
+@dataclass
+class ExperimentContext:
+    """What the grouped views need besides the rows: kept in DataFrame.attrs by load()."""
+
+    experiment: str
+    swept: list[str]
+    snapshot_epochs: list[int]
+    metric: str = "val_acc"
+    mode: str = "max"
+    incomplete: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load(path: str | Path) -> pd.DataFrame:
+    """One row per trial per reported epoch: trial_id, status, epoch, every setting, every metric.
+
+    A restored trial reports some epochs twice; the latest report wins. `df.attrs` holds the experiment,
+    the swept settings, the snapshot epochs, the sweep's metric and mode, and `incomplete`: trial id ->
+    status for every trial that has not finished.
+    """
+    storage = Storage.open(path)
+    files, folders = _experiment_listing(storage)
+    metadata = json.loads(storage.read_text(METADATA_FILE) or "{}") if METADATA_FILE in files else {}
+    states = _trial_states(storage, files)
+    trials = [t for t in (_read_trial(storage, name, states.get(name)) for name in folders) if t is not None]
+    frame = _tidy_frame(trials)
+    unstarted = {trial_id: "not started" for name, (trial_id, _) in states.items() if name not in folders}
+    context = ExperimentContext(
+        experiment=storage.location,
+        swept=list(metadata.get("swept") or _differing_settings(frame)),
+        snapshot_epochs=_snapshot_epochs(frame, metadata),
+        metric=metadata.get("metric", "val_acc"),
+        mode=metadata.get("mode", "max"),
+        incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted},
+        metadata=metadata,
+    )
+    frame.attrs = context.__dict__.copy()
+    return frame
+
+
+def _experiment_listing(storage: Storage) -> tuple[list[str], list[str]]:
+    """The experiment's files and its trial folders; anything else is a one-line AnalysisError."""
+    kind = storage.kind()
+    if kind == "missing":
+        raise AnalysisError(f"{storage.location} does not exist; pass an experiment folder such as ./tune_results/seed")
+    files, folders = storage.listing() if kind == "folder" else ([], [])
+    trial_folders = [name for name in folders if storage.kind(f"{name}/params.json") == "file"]
+    if not trial_folders and not any(_is_state_file(f) for f in files) and METADATA_FILE not in files:
+        raise AnalysisError(
+            f"{storage.location} is not a Ray Tune experiment folder (no experiment_state-*.json, {METADATA_FILE} "
+            f"or trial folders with params.json); pass STORAGE/NAME of a sweep, such as ./tune_results/seed"
+        )
+    return files, trial_folders
+
+
+def _is_state_file(name: str) -> bool:
+    return name.startswith("experiment_state-") and name.endswith(".json")
+
+
+def _trial_states(storage: Storage, files: list[str]) -> dict[str, tuple[str, str]]:
+    """Trial folder -> (trial id, Ray's status) from the newest experiment state, {} where there is none."""
+    newest = max((f for f in files if _is_state_file(f)), default=None)  # names end in a sortable timestamp
+    if newest is None:
+        return {}
+    try:
+        trial_data = json.loads(storage.read_text(newest) or "{}")["trial_data"]
+        trials = [json.loads(entry[0]) for entry in trial_data]
+        return {t["relative_logdir"]: (t["trial_id"], t["status"]) for t in trials}
+    except (KeyError, TypeError, IndexError, ValueError):  # Ray's private format changed: read the trials alone
+        return {}
+
+
+def _read_trial(storage: Storage, folder: str, state: tuple[str, str] | None) -> TrialRecord | None:
+    params = json.loads(storage.read_text(f"{folder}/params.json") or "null")
+    if not isinstance(params, dict):
+        return None
+    reports = _parse_reports(storage.read_text(f"{folder}/result.json") or "")
+    trial_id = state[0] if state else next((r["trial_id"] for r in reports if "trial_id" in r), folder)
+    settings = _settings(params, reports)
+    has_error_file = bool({"error.txt", "error.pkl"} & set(storage.listing(folder)[0]))
+    status = _status(reports, settings["epochs"], state[1] if state else None, has_error_file)
+    return TrialRecord(trial_id, settings, reports, status)
+
+
+def _parse_reports(text: str) -> list[dict[str, Any]]:
+    """One dict per epoch in report order, the latest report of an epoch reported twice (after a restore)."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        try:
+            report = json.loads(line)
+        except ValueError:  # a driver killed mid-write leaves half a line
+            continue
+        if isinstance(report, dict) and "epoch" in report:
+            by_epoch.pop(int(report["epoch"]), None)
+            by_epoch[int(report["epoch"])] = report
+    return sorted(by_epoch.values(), key=lambda r: int(r["epoch"]))
+
+
+def _status(reports: list[dict[str, Any]], epochs: int, state: str | None, has_error_file: bool) -> str:
+    """finished / stopped early / errored / running, from Ray's state where it has one, else from the files.
+
+    A trial that failed and then recovered keeps its error.txt, so the file alone means errored only
+    where Ray's state does not say otherwise.
+    """
+    last_epoch = int(reports[-1]["epoch"]) if reports else 0
+    if state == "ERROR":
+        return ERRORED
+    if last_epoch >= epochs:
+        return FINISHED
+    if state == "TERMINATED":
+        return STOPPED
+    if state is None and has_error_file:
+        return ERRORED
+    return RUNNING
+
+
+def _settings(params: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every setting of the trial: its params over the training defaults, lists as tuples so they group."""
+    from tune_cnn.train import TrainConfig
+
+    settings = {**TrainConfig().flat(), **params}
+    seeds = [r["trial_seed"] for r in reports if "trial_seed" in r]
+    if seeds:  # the sweep derives each trial's seed and reports the one it used
+        settings["seed"] = seeds[-1]
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+
+
+def _tidy_frame(trials: list[TrialRecord]) -> pd.DataFrame:
+    names = list(dict.fromkeys(name for t in trials for name in t.settings))
+    names = [n for n in names if n not in ("trial_id", "status", "epoch", *METRICS)]
+    rows = [
+        {"trial_id": t.trial_id, "status": t.status, "epoch": int(r["epoch"]),
+         **{n: t.settings.get(n) for n in names}, **{m: r.get(m, np.nan) for m in METRICS}}
+        for t in trials for r in t.reports
+    ]
+    frame = pd.DataFrame(rows, columns=["trial_id", "status", "epoch", *names, *METRICS])
+    return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
+
+
+def _differing_settings(frame: pd.DataFrame) -> list[str]:
+    """Settings whose values differ across trials; seeds differ by design and are the noise, not a setting."""
+    settings = [c for c in frame.columns if c not in ("trial_id", "status", "epoch", "seed", *METRICS)]
+    per_trial = frame.groupby("trial_id")[settings].first() if settings else frame
+    return [name for name in settings if per_trial[name].nunique(dropna=False) > 1]
+
+
+def _snapshot_epochs(frame: pd.DataFrame, metadata: dict[str, Any]) -> list[int]:
+    """The sweep's checkpoint epochs that some trial reached, else its last reported epoch."""
+    epochs = metadata.get("checkpoint_epochs") or _checkpoint_epochs(frame)
+    reached = set(frame["epoch"])
+    snapshots = [int(e) for e in epochs if e in reached]
+    return snapshots or ([int(frame["epoch"].max())] if len(frame) else [])
+
+
+def _checkpoint_epochs(frame: pd.DataFrame) -> list[int]:
+    if frame.empty:
+        return []
+    pairs = frame.groupby("trial_id")[["checkpoint_every", "epochs"]].first().drop_duplicates()
+    epochs = {int(last) for last in pairs["epochs"]}
+    for every, last in pairs.itertuples(index=False):
+        epochs.update(range(int(every), int(last) + 1, int(every)))
+    return sorted(epochs)
+
+
+def context(df: pd.DataFrame) -> ExperimentContext:
+    """The experiment's context from load()'s attrs, or worked out from the rows for any other frame."""
+    attrs = dict(df.attrs)
+    if "swept" not in attrs:
+        return ExperimentContext("", _differing_settings(df), _snapshot_epochs(df, {}))
+    return ExperimentContext(**attrs)
+
+
+# --- Grouped views -----------------------------------------------------------------------------------------
+
+
+def summarize(
+    df: pd.DataFrame,
+    by: str | Sequence[str],
+    at_epochs: Sequence[int] | None = None,
+    metrics: Sequence[str] | None = None,
+    at: At = "epochs",
+) -> pd.DataFrame:
+    """Mean, std, count, min and max of each metric per group, one row per group, columns `<metric>_<stat>`.
+
+    at="epochs" takes the snapshot epochs (default: the sweep's checkpoint epochs) and groups by epoch as
+    well, since a mean over epochs 10 and 30 means nothing; "last" and "best" take one row per trial (its
+    last epoch, or its best by the sweep's metric). `by` is settings, or "epoch" itself.
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    metrics = list(metrics or [m for m in METRICS if m in df])
+    _check_columns(df, keys + metrics)
+    rows = grouping_levels(select_rows(df, at, at_epochs), [k for k in keys if k != "epoch"])
+    if at == "epochs" and "epoch" not in keys:
+        keys.append("epoch")
+    table = rows.groupby(keys, dropna=False, sort=True)[metrics].agg(list(STATS))
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    return table.reset_index()
+
+
+def _check_columns(df: pd.DataFrame, names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in df.columns]
+    if unknown:
+        settings = [c for c in df.columns if c not in ("trial_id", "status", *METRICS)]
+        raise AnalysisError(f"unknown setting or metric {', '.join(unknown)}; choose from: {', '.join(settings)}")
+
+
+def select_rows(df: pd.DataFrame, at: At = "epochs", at_epochs: Sequence[int] | None = None) -> pd.DataFrame:
+    """The snapshot rows (at="epochs"), or one row per trial: its last epoch or its best by the sweep's metric."""
+    if at == "epochs":
+        return df[df["epoch"].isin(snapshot_epochs(df, at_epochs))]
+    if at == "last":
+        return df.loc[df.groupby("trial_id")["epoch"].idxmax()]
+    if at == "best":
+        ctx = context(df)
+        pick = "idxmax" if ctx.mode == "max" else "idxmin"
+        return df.loc[getattr(df.groupby("trial_id")[ctx.metric], pick)().dropna()]
+    raise AnalysisError(f"at '{at}' is unknown; use epochs, last or best")
+
+
+def snapshot_epochs(df: pd.DataFrame, at_epochs: Sequence[int] | None = None) -> list[int]:
+    """The epochs asked for (each must have been reported), or the sweep's snapshot epochs."""
+    if at_epochs is None:
+        return context(df).snapshot_epochs
+    missing = sorted(set(at_epochs) - set(df["epoch"]))
+    if missing:
+        reported = f"{df['epoch'].min()} to {df['epoch'].max()}" if len(df) else "none"
+        raise AnalysisError(f"no trial reported epoch(s) {', '.join(map(str, missing))}; reported epochs: {reported}")
+    return sorted(set(int(e) for e in at_epochs))
+
+
+def grouping_levels(df: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
+    """A copy whose continuous settings (more than MAX_LEVELS numeric values) read '<= median' / '> median'."""
+    df = df.copy()
+    for name in settings:
+        values = df.groupby("trial_id")[name].first()
+        if values.nunique() > MAX_LEVELS and pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            median = values.median()
+            df[name] = np.where(df[name] <= median, f"<= {median:.3g}", f"> {median:.3g}")
+    return df
+
+
+# --- Per-trial diagnosis, effects and importance -----------------------------------------------------------
+
+
+def diagnose(df: pd.DataFrame, at_epochs: Sequence[int] | None = None) -> pd.DataFrame:
+    """One row per trial: its swept settings, best epoch by validation loss, the generalisation gap
+    (train_acc - val_acc) at each snapshot epoch, and whether it overfitted: validation loss ended more
+    than OVERFIT_RISE above its minimum while training accuracy kept rising past that epoch."""
+    ctx = context(df)
+    epochs = snapshot_epochs(df, at_epochs)
+    rows = []
+    for trial_id, trial in df.sort_values("epoch").groupby("trial_id", sort=True):
+        best = trial.loc[trial["val_loss"].idxmin()]
+        last = trial.iloc[-1]
+        gaps = trial.set_index("epoch").reindex(epochs)
+        rows.append({
+            "trial_id": trial_id, "status": last["status"], **{s: last[s] for s in ctx.swept},
+            "last_epoch": int(last["epoch"]), "best_epoch": int(best["epoch"]), "min_val_loss": best["val_loss"],
+            "val_acc_at_best_epoch": best["val_acc"], "final_val_acc": last["val_acc"],
+            **{f"gap_at_{e}": gaps.at[e, "train_acc"] - gaps.at[e, "val_acc"] for e in epochs},
+            "overfitting": bool(last["val_loss"] > best["val_loss"] * (1 + OVERFIT_RISE) and last["train_acc"] > best["train_acc"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def trial_values(df: pd.DataFrame, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
+    """One row per trial with `metric` at its best (by the sweep's metric) or last epoch."""
+    if at == "epochs":
+        raise AnalysisError("effects and importance need one value per trial; use at='best' or at='last'")
+    return select_rows(df.dropna(subset=[metric]), at).set_index("trial_id")
+
+
+def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
+    """For each pair of values of each setting: mean `metric` of each, the difference (b - a) and its Welch
+    95% interval. An interval that spans 0 means the difference is within trial-to-trial noise (which here
+    includes the other settings' effects); NaN bounds mean too few trials to tell."""
+    settings = list(settings if settings is not None else context(df).swept)
+    _check_columns(df, settings)
+    trials = grouping_levels(trial_values(df, metric, at), settings)
+    rows = []
+    for name in settings:
+        groups = {value: group[metric].to_numpy() for value, group in trials.groupby(name, sort=True)}
+        for (a, xa), (b, xb) in itertools.combinations(groups.items(), 2):
+            difference = xb.mean() - xa.mean()
+            half_width = _welch_half_width(xa, xb)
+            rows.append({
+                "setting": name, "value_a": a, "value_b": b, "n_a": len(xa), "n_b": len(xb),
+                "mean_a": xa.mean(), "mean_b": xb.mean(), "difference": difference,
+                "low": difference - half_width, "high": difference + half_width,
+                "within_noise": bool(not abs(difference) > half_width),
+            })
+    return pd.DataFrame(rows, columns=["setting", "value_a", "value_b", "n_a", "n_b", "mean_a", "mean_b", "difference", "low", "high", "within_noise"])
+
+
+def _welch_half_width(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> float:
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t_critical(df, level) * math.sqrt(va + vb)
+
+
+def t_critical(df: float, level: float = 0.95) -> float:
+    """The two-sided Student-t critical value, for any df >= 1 (no scipy in the dependencies).
+
+    With t = sqrt(df) tan(theta) the t density becomes proportional to cos(theta)^(df-1) on [0, pi/2), a
+    bounded integrand that a fine trapezoid sum integrates accurately.
+    """
+    theta = np.linspace(0.0, np.pi / 2, 20001)
+    density = np.cos(theta) ** (max(df, 1.0) - 1)
+    cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+    return math.sqrt(df) * math.tan(float(np.interp(level, cumulative / cumulative[-1], theta)))
+
+
+def importance(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
+    """Settings ranked by the share of the variance in `metric` across trials that each explains alone
+    (eta squared: between-group over total sum of squares); the rest is interactions and noise."""
+    settings = list(settings if settings is not None else context(df).swept)
+    _check_columns(df, settings)
+    trials = grouping_levels(trial_values(df, metric, at), settings)
+    values = trials[metric]
+    total = ((values - values.mean()) ** 2).sum()
+    shares = {}
+    for name in settings:
+        means = trials.groupby(name)[metric].transform("mean")
+        shares[name] = ((means - values.mean()) ** 2).sum() / total if total > 0 else 0.0
+    table = pd.DataFrame({"setting": list(shares), "variance_share": list(shares.values())})
+    table = table.sort_values("variance_share", ascending=False, ignore_index=True)
+    table["rank"] = np.arange(1, len(table) + 1)
+    return table
+
+
+# --- Plots -------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: sweeps run on headless machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scaled(metric: str, values: pd.Series | np.ndarray) -> np.ndarray:
+    """Accuracies in percent, as people read them; losses as they are."""
+    return np.asarray(values, dtype=float) * (100 if metric.endswith("_acc") else 1)
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _colours(values: Sequence[Any]) -> dict[Any, Any]:
+    plt = _pyplot()
+    palette = plt.get_cmap("tab10").colors
+    return {value: palette[i % len(palette)] for i, value in enumerate(values)}
+
+
+def plot_learning_curves(df: pd.DataFrame, colour_by: str | None = None) -> Any:
+    """Training and validation accuracy and validation loss per epoch, a line per trial, coloured by a setting."""
+    plt = _pyplot()
+    colour_by = colour_by or next(iter(context(df).swept), None)
+    frame = grouping_levels(df, [colour_by] if colour_by else [])
+    levels = sorted(frame[colour_by].unique(), key=str) if colour_by else [None]
+    colours = _colours(levels)
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.8), constrained_layout=True)
+    for ax, (metric, axis_label) in zip(axes, PANELS):
+        for _, trial in frame.sort_values("epoch").groupby("trial_id"):
+            level = trial[colour_by].iloc[0] if colour_by else None
+            ax.plot(trial["epoch"], _scaled(metric, trial[metric]), color=colours[level], alpha=0.75, linewidth=1.3, marker="." if len(trial) < 15 else None)
+        ax.set(title=axis_label.split(" (")[0].capitalize(), xlabel="epoch", ylabel=axis_label)
+        ax.grid(alpha=0.3)
+    if colour_by:
+        handles = [plt.Line2D([], [], color=colours[v], label=f"{colour_by} = {_label(v)}") for v in levels]
+        axes[-1].legend(handles=handles, title="colour", fontsize="small")
+    figure.suptitle(f"Learning curves: one line per trial ({df['trial_id'].nunique()} trials), coloured by {colour_by or 'nothing'}")
+    return figure
+
+
+def plot_grouped(df: pd.DataFrame, setting: str, at_epochs: Sequence[int] | None = None) -> Any:
+    """The seed's grouped view: each panel's metric at the snapshot epochs, a box per value of `setting`
+    (or per epoch when setting is 'epoch'), with every trial drawn as a dot."""
+    plt = _pyplot()
+    rows = grouping_levels(select_rows(df, "epochs", at_epochs), [] if setting == "epoch" else [setting])
+    epochs = sorted(rows["epoch"].unique())
+    levels = [None] if setting == "epoch" else sorted(rows[setting].unique(), key=str)
+    colours = _colours(levels)
+    width = 0.8 / len(levels)
+    jitter = np.random.default_rng(0)
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.8), constrained_layout=True)
+    for ax, (metric, axis_label) in zip(axes, PANELS):
+        for i, epoch in enumerate(epochs):
+            for j, level in enumerate(levels):
+                cell = rows[(rows["epoch"] == epoch) & ((rows[setting] == level) if level is not None else True)]
+                values = _scaled(metric, cell[metric].dropna())
+                if not len(values):
+                    continue
+                x = i + (j - (len(levels) - 1) / 2) * width
+                box = ax.boxplot([values], positions=[x], widths=width * 0.8, patch_artist=True, showfliers=False)
+                box["boxes"][0].set(facecolor=colours[level], alpha=0.35)
+                ax.scatter(x + jitter.uniform(-width / 5, width / 5, len(values)), values, color=colours[level], s=16, zorder=3)
+        ax.set_xticks(range(len(epochs)), [f"epoch {e}" for e in epochs])
+        ax.set(title=axis_label.split(" (")[0].capitalize(), xlabel="snapshot epoch", ylabel=axis_label)
+        ax.grid(alpha=0.3, axis="y")
+    if setting != "epoch":
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[v], alpha=0.6, label=f"{setting} = {_label(v)}") for v in levels]
+        axes[-1].legend(handles=handles, fontsize="small")
+    figure.suptitle(f"By {setting}: boxes over trials, one dot per trial ({df['trial_id'].nunique()} trials)")
+    return figure
+
+
+def plot_effects(effect_table: pd.DataFrame, importance_table: pd.DataFrame, metric: str = "val_acc") -> Any:
+    """Left: each difference in mean `metric` between two values of a setting, with its 95% interval.
+    Right: the share of variance each setting explains."""
+    plt = _pyplot()
+    unit = "points" if metric.endswith("_acc") else ""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(16, max(3.5, 0.45 * len(effect_table) + 2)), constrained_layout=True)
+    labels = [f"{r.setting}: {_label(r.value_b)} vs {_label(r.value_a)}" for r in effect_table.itertuples()]
+    y = np.arange(len(effect_table))[::-1]
+    difference = _scaled(metric, effect_table["difference"])
+    errors = np.abs(_scaled(metric, effect_table[["low", "high"]].to_numpy().T) - difference)
+    for row, noise in enumerate(effect_table["within_noise"]):
+        left.errorbar(difference[row], y[row], xerr=np.nan_to_num(errors[:, row : row + 1]), fmt="o", capsize=4,
+                      color="tab:grey" if noise else "tab:blue")
+    left.axvline(0, color="black", linewidth=0.8)
+    left.set_yticks(y, labels)
+    left.set(title=f"Effect of each setting on {metric} (95% interval; grey: within noise)",
+             xlabel=f"difference in mean {metric} ({unit or metric})")
+    left.grid(alpha=0.3, axis="x")
+    right.barh(importance_table["setting"][::-1], 100 * importance_table["variance_share"][::-1], color="tab:blue")
+    right.set(title=f"Importance: share of the variance in {metric} across trials", xlabel="variance explained by the setting alone (%)", xlim=(0, 100))
+    right.grid(alpha=0.3, axis="x")
+    return figure
+
+
+def _save(figure: Any, path: Path) -> str:
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path.name
+
+
+# --- Report ------------------------------------------------------------------------------------------------
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def best_trials(df: pd.DataFrame, rows: int = BEST_ROWS) -> pd.DataFrame:
+    """The top trials by the sweep's metric, each at its best epoch."""
+    ctx = context(df)
+    best = select_rows(df, "best").sort_values(ctx.metric, ascending=ctx.mode == "min").head(rows)
+    return best[["trial_id", "status", *ctx.swept, "epoch", "train_acc", "val_acc", "val_loss", "test_acc"]]
+
+
+def grouped_table(summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """A summary's mean ± std of the three seed metrics, for reading."""
+    table = summary[list(keys)].copy()
+    table["trials"] = summary["val_acc_count"]
+    for metric, scale, unit in (("train_acc", 100, "%"), ("val_acc", 100, "%"), ("val_loss", 1, "")):
+        means, stds = summary[f"{metric}_mean"] * scale, summary[f"{metric}_std"].fillna(0) * scale
+        table[metric] = [f"{m:.1f} ± {s:.1f}{unit}" if unit else f"{m:.3f} ± {s:.3f}" for m, s in zip(means, stds)]
+    return table
+
+
+def findings(df: pd.DataFrame, effect_table: pd.DataFrame, importance_table: pd.DataFrame, diagnosis: pd.DataFrame) -> list[str]:
+    """The seed's conclusions, computed: one plain sentence each."""
+    ctx = context(df)
+    lines = [_effect_sentence(r) for r in effect_table.itertuples()]
+    if len(importance_table):
+        ranking = ", ".join(f"{r.setting} {_percent(r.variance_share)}" for r in importance_table.itertuples())
+        lines.append(f"Importance (share of the variance in {ctx.metric} across trials each setting explains alone): {ranking}.")
+    overfit = diagnosis["overfitting"].sum()
+    lines.append(
+        f"Overfitting: {overfit} of {len(diagnosis)} trials (validation loss rose more than {OVERFIT_RISE:.0%} above its minimum "
+        f"while training accuracy kept rising); validation loss was lowest at epoch {diagnosis['best_epoch'].mean():.1f} on average."
+    )
+    gaps = [f"{_points(diagnosis[f'gap_at_{e}'].mean())} points at epoch {e}" for e in ctx.snapshot_epochs if f"gap_at_{e}" in diagnosis]
+    if gaps:
+        lines.append("Generalisation gap (training minus validation accuracy, mean over trials): " + ", ".join(gaps) + ".")
+    return lines
+
+
+def _effect_sentence(row: Any) -> str:
+    a, b = _label(row.value_a), _label(row.value_b)
+    means = f"{_percent(row.mean_b)} vs {_percent(row.mean_a)} mean val_acc, {row.n_b} and {row.n_a} trials"
+    if math.isnan(row.low):
+        return f"{row.setting}: {b} vs {a} differ by {_points(row.difference)} points ({means}); too few trials to tell noise from effect."
+    verdict = "within noise" if row.within_noise else "larger than the trial-to-trial noise"
+    return (f"{row.setting}: {b} vs {a} differ by {_points(row.difference)} points ({means}), {verdict} "
+            f"(95% interval {_points(row.low)} to {_points(row.high)}).")
+
+
+def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect_table: pd.DataFrame,
+                    importance_table: pd.DataFrame, diagnosis: pd.DataFrame, plots: dict[str, str]) -> str:
+    ctx = context(df)
+    statuses = df.groupby("trial_id")["status"].first().value_counts()
+    counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
+    meta = ctx.metadata
+    lines = [
+        f"# Analysis of {meta.get('space') or Path(ctx.experiment).name}",
+        "",
+        f"Experiment: `{ctx.experiment}`. {df['trial_id'].nunique()} trials: {counts}."
+        + (f" Search: {meta['search']}." if "search" in meta else "")
+        + f" Swept: {', '.join(ctx.swept) or 'nothing'}. Snapshot epochs: {', '.join(map(str, ctx.snapshot_epochs))}.",
+    ]
+    if ctx.incomplete:
+        lines += ["", "**Incomplete trials:** " + ", ".join(f"{t} ({s})" for t, s in ctx.incomplete.items()) + "."]
+    best = best_trials(df)
+    top = best.iloc[0]
+    settings = ", ".join(f"{s}={_label(top[s])}" for s in ctx.swept)
+    lines += [
+        "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "",
+        f"Best trial: **{top['trial_id']}** ({settings}): {ctx.metric} {_cell(top[ctx.metric])} at epoch {top['epoch']}.", "",
+        _markdown_table(best), "", "## Findings", "",
+        *[f"- {line}" for line in findings(df, effect_table, importance_table, diagnosis)],
+        "", f"![Effects]({plots['effects']})" if "effects" in plots else "",
+        "", "## Grouped views at the snapshot epochs", "",
+    ]
+    for key, summary in summaries.items():
+        keys = ["epoch"] if key == "epoch" else [key, "epoch"]
+        lines += [f"### By {key}", "", _markdown_table(grouped_table(summary, keys)), "", f"![By {key}]({plots[key]})", ""]
+    lines += ["## Learning curves", "", f"![Learning curves]({plots['learning_curves']})", "",
+              "## Per-trial diagnosis", "", _markdown_table(diagnosis), ""]
+    return "\n".join(lines)
+
+
+# --- Writing the analysis folder ---------------------------------------------------------------------------
+
+
+def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str] | None = None,
+                   at_epochs: list[int] | None = None) -> Path | str:
+    """Write results, summaries, plots and report.md; return the folder (EXPERIMENT/analysis by default).
+
+    An experiment on cloud storage gets its analysis written locally first, then copied next to it.
+    """
+    df = load(experiment)
+    storage = Storage.open(experiment)
+    if out is not None or "://" not in str(experiment):
+        folder = Path(out) if out is not None else Path(storage.location) / "analysis"
+        _write_files(df, folder, by, at_epochs)
+        return folder
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="tune_cnn_analysis_") as local:
+        _write_files(df, Path(local), by, at_epochs)
+        destination = f"{storage.location}/analysis"
+        pyarrow.fs.copy_files(local, destination, destination_filesystem=storage.fs)
+    return destination
+
+
+def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_csv(folder / "results.csv", index=False)
+    df.to_parquet(folder / "results.parquet", index=False)
+    if df.empty:
+        (folder / "report.md").write_text(f"# Analysis of {context(df).experiment}\n\nNo trial has reported a result yet.\n")
+        return
+    ctx = context(df)
+    settings = list(by) if by is not None else ctx.swept
+    _check_columns(df, settings)
+    summaries = {key: summarize(df, key, at_epochs) for key in [*settings, "epoch"]}
+    for key, summary in summaries.items():
+        summary.to_csv(folder / f"summary_{key}.csv", index=False)
+    diagnosis = diagnose(df, at_epochs)
+    effect_table, importance_table = effects(df, settings), importance(df, settings)
+    diagnosis.to_csv(folder / "trials.csv", index=False)
+    effect_table.to_csv(folder / "effects.csv", index=False)
+    importance_table.to_csv(folder / "importance.csv", index=False)
+    plots = {key: _save(plot_grouped(df, key, at_epochs), folder / f"by_{key}.png") for key in summaries}
+    plots["learning_curves"] = _save(plot_learning_curves(df, next(iter(settings), None)), folder / "learning_curves.png")
+    if len(effect_table):
+        plots["effects"] = _save(plot_effects(effect_table, importance_table), folder / "effects.png")
+    (folder / "report.md").write_text(report_markdown(df, summaries, effect_table, importance_table, diagnosis, plots))
+
+
+# --- Command line ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tune_cnn.analysis", description="Analyse a sweep: tables, findings, plots and report.md.")
+    parser.add_argument("experiment", help="the experiment folder (STORAGE/NAME), local or a URI such as s3://bucket/path/name")
+    parser.add_argument("--by", nargs="+", default=None, metavar="SETTING", help="settings to group by (default: the swept settings)")
+    parser.add_argument("--epochs", nargs="+", type=int, default=None, metavar="EPOCH", help="snapshot epochs (default: the sweep's checkpoint epochs)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: EXPERIMENT/analysis)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    folder = write_analysis(args.experiment, args.out, args.by, args.epochs)
+    incomplete = load(args.experiment).attrs["incomplete"]
+    if incomplete:
+        listed = ", ".join(f"{t} ({s})" for t, s in incomplete.items())
+        print(f"warning: {len(incomplete)} trial(s) incomplete: {listed}", file=sys.stderr)
+    print(f"analysis: {folder}")
+
+
+if __name__ == "__main__":
+    main()
