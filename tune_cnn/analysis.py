@@ -88,6 +88,12 @@ class Storage:
         except (FileNotFoundError, OSError):
             return None
 
+    def upload(self, local: Path, relative: str) -> None:
+        import pyarrow.fs
+
+        self.fs.create_dir(self._path(relative), recursive=True)
+        pyarrow.fs.copy_files(str(local), self._path(relative), destination_filesystem=self.fs)
+
     def _path(self, relative: str) -> str:
         return posixpath.join(self.root, relative) if relative else self.root
 
@@ -126,7 +132,8 @@ def load(path: str | Path) -> pd.DataFrame:
     states = _trial_states(storage, files)
     trials = [t for t in (_read_trial(storage, name, states.get(name)) for name in folders) if t is not None]
     frame = _tidy_frame(trials)
-    unstarted = {trial_id: "not started" for name, (trial_id, _) in states.items() if name not in folders}
+    # Ray knows trials that never wrote params.json: queued ones, and ones whose worker failed to start.
+    unstarted = {trial_id: ERRORED if state == "ERROR" else "not started" for name, (trial_id, state) in states.items() if name not in folders}
     context = ExperimentContext(
         experiment=storage.location,
         swept=list(metadata.get("swept") or _differing_settings(frame)),
@@ -660,13 +667,10 @@ def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str
         folder = Path(out) if out is not None else Path(storage.location) / "analysis"
         _write_files(df, folder, by, at_epochs)
         return folder
-    import pyarrow.fs
-
     with tempfile.TemporaryDirectory(prefix="tune_cnn_analysis_") as local:
         _write_files(df, Path(local), by, at_epochs)
-        destination = f"{storage.location}/analysis"
-        pyarrow.fs.copy_files(local, destination, destination_filesystem=storage.fs)
-    return destination
+        storage.upload(Path(local), "analysis")
+    return f"{storage.location}/analysis"
 
 
 def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None) -> None:

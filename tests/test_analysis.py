@@ -1,0 +1,386 @@
+"""The analysis: loading experiment folders (synthetic ones written here and a tiny real Ray Tune sweep),
+grouped means against hand computations, diagnosis, effects, plots and report.md."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import synthetic_splits
+from tune_cnn import analysis
+from tune_cnn.analysis import AnalysisError, METRICS
+
+POOLINGS, WIDTHS, EPOCHS = ("max", "avg"), (3, 5, 7), 6
+SEED_METADATA = {"space": "mini-seed", "search": "grid", "metric": "val_acc", "mode": "max", "swept": ["pooling", "conv_width"],
+                 "checkpoint_epochs": [2, 4, 6]}
+
+
+# --- A synthetic experiment folder in Ray Tune's layout ----------------------------------------------------
+
+
+def curve(pooling: str, width: int, epoch: int, overfits: bool = True) -> dict[str, float]:
+    """Known metrics: validation accuracy falls 2 points per width step and is 0.5 points higher with max
+    pooling; validation loss is lowest at epoch 3 and rises after it (unless the trial does not overfit)."""
+    val_acc = 0.5 + 0.02 * epoch - 0.01 * (width - 3) + (0.005 if pooling == "max" else 0.0)
+    val_loss = 1.0 - 0.1 * epoch if epoch <= 3 or not overfits else 0.7 + 0.1 * (epoch - 3)
+    return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": 0.4 + 0.1 * epoch, "val_loss": val_loss, "val_acc": val_acc,
+            "test_loss": val_loss + 0.01, "test_acc": val_acc - 0.01, "epoch_seconds": 2.0, "images_per_second": 500.0, "lr": 0.001}
+
+
+def write_trial(experiment: Path, index: int, params: dict, reports: list[dict], error: bool = False) -> tuple[Path, str]:
+    """One trial folder as Ray writes it; returns the folder and the trial id."""
+    trial_id = f"abc12_{index:05d}"
+    name = f"trainable_{trial_id}_{index}_" + ",".join(f"{k}={v}" for k, v in params.items() if k in ("pooling", "conv_width"))
+    folder = experiment / name
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    lines = [json.dumps({**r, "trial_id": trial_id, "training_iteration": r["epoch"], "done": False, "config": params}) for r in reports]
+    (folder / "result.json").write_text("".join(line + "\n" for line in lines))
+    if error:
+        (folder / "error.txt").write_text("Failure # 1 (occurred at 2026-01-01_00-00-00)\nRuntimeError: boom\n")
+    return folder, trial_id
+
+
+def write_state(experiment: Path, statuses: dict[str, tuple[str, str]], stamp: str = "2026-01-01_00-00-00") -> None:
+    """experiment_state-<stamp>.json in Ray's format: trial_data holds [trial json, runtime json] pairs."""
+    trial_data = [[json.dumps({"trial_id": trial_id, "status": status, "relative_logdir": folder}), json.dumps({})]
+                  for folder, (trial_id, status) in statuses.items()]
+    (experiment / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": trial_data, "runner_data": {}}))
+
+
+def seed_params(pooling: str, width: int) -> dict:
+    return {"model": "seed_cnn", "padding": "same", "epochs": EPOCHS, "checkpoint_every": 2, "pooling": pooling, "conv_width": width}
+
+
+@pytest.fixture
+def seed_experiment(tmp_path: Path) -> Path:
+    """A finished 2 x 3 grid of 6 epochs; the (avg, 7) trial does not overfit."""
+    experiment = tmp_path / "mini-seed"
+    statuses = {}
+    for index, (pooling, width) in enumerate((p, w) for p in POOLINGS for w in WIDTHS):
+        overfits = (pooling, width) != ("avg", 7)
+        reports = [curve(pooling, width, e, overfits) for e in range(1, EPOCHS + 1)]
+        folder, trial_id = write_trial(experiment, index, seed_params(pooling, width), reports)
+        statuses[folder.name] = (trial_id, "TERMINATED")
+    write_state(experiment, statuses)
+    (experiment / "tune_cnn.json").write_text(json.dumps(SEED_METADATA))
+    return experiment
+
+
+def hand_values(metric: str, epoch: int, pooling: str | None = None, width: int | None = None) -> list[float]:
+    return [curve(p, w, epoch, (p, w) != ("avg", 7))[metric] for p in POOLINGS for w in WIDTHS
+            if pooling in (None, p) and width in (None, w)]
+
+
+# --- Loading -----------------------------------------------------------------------------------------------
+
+
+def test_load_is_tidy_with_every_setting_and_metric(seed_experiment: Path):
+    df = analysis.load(seed_experiment)
+    assert len(df) == len(POOLINGS) * len(WIDTHS) * EPOCHS
+    assert list(df.columns[:3]) == ["trial_id", "status", "epoch"]
+    for name in ("pooling", "conv_width", "padding", "batch_norm", "dropout", "weight_decay", "lr", "batch_size", *METRICS):
+        assert name in df.columns
+    assert df.groupby("trial_id").size().eq(EPOCHS).all()
+    assert set(df["status"]) == {"finished"}
+    assert df.attrs["swept"] == ["pooling", "conv_width"] and df.attrs["snapshot_epochs"] == [2, 4, 6]
+    assert df.attrs["incomplete"] == {}
+    row = df[(df["pooling"] == "avg") & (df["conv_width"] == 5) & (df["epoch"] == 4)].iloc[0]
+    assert row["val_acc"] == pytest.approx(curve("avg", 5, 4)["val_acc"])
+    assert not row["batch_norm"] and row["dropout"] == 0.0  # defaults fill settings the sweep left alone
+
+
+def test_without_metadata_swept_settings_and_snapshots_are_worked_out(seed_experiment: Path):
+    (seed_experiment / "tune_cnn.json").unlink()
+    df = analysis.load(seed_experiment)
+    assert sorted(df.attrs["swept"]) == ["conv_width", "pooling"]
+    assert df.attrs["snapshot_epochs"] == [2, 4, 6]  # from checkpoint_every 2 and epochs 6
+
+
+def test_an_epoch_reported_twice_after_a_restore_appears_once_with_the_latest_report(tmp_path: Path):
+    experiment = tmp_path / "restored"
+    first = [curve("max", 3, e) for e in (1, 2, 3)]
+    again = [{**curve("max", 3, e), "val_acc": 0.9} for e in (3, 4)]  # restored from the epoch-2 checkpoint
+    write_trial(experiment, 0, {**seed_params("max", 3), "epochs": 4}, first + again)
+    df = analysis.load(experiment)
+    assert list(df["epoch"]) == [1, 2, 3, 4]
+    assert df.set_index("epoch").at[3, "val_acc"] == 0.9
+    assert df["status"].iloc[0] == "finished"
+
+
+def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):
+    experiment = tmp_path / "interrupted"
+    plans = {  # (epochs reported, Ray's status, error.txt)
+        "finished": (6, "TERMINATED", False),
+        "recovered": (6, "TERMINATED", True),  # failed once, retried from its checkpoint: error.txt stays behind
+        "stopped": (2, "TERMINATED", False),  # stopped by ASHA
+        "errored": (3, "ERROR", True),
+        "running": (4, "RUNNING", False),
+        "retrying": (3, "RUNNING", True),
+    }
+    statuses, ids = {}, {}
+    for index, (label, (reported, state, error)) in enumerate(plans.items()):
+        folder, ids[label] = write_trial(experiment, index, seed_params("max", 3), [curve("max", 3, e) for e in range(1, reported + 1)], error)
+        statuses[folder.name] = (ids[label], state)
+    statuses["trainable_abc12_00098_98"] = ("abc12_00098", "ERROR")  # its worker failed before writing params.json
+    statuses["trainable_abc12_00099_99"] = ("abc12_00099", "PENDING")  # queued: no folder yet
+    write_state(experiment, {"old": ("x", "RUNNING")}, stamp="2025-12-31_00-00-00")  # an older session's state
+    write_state(experiment, statuses)
+    df = analysis.load(experiment)
+    status = df.groupby("trial_id")["status"].first()
+    expected = {"finished": "finished", "recovered": "finished", "stopped": "stopped early", "errored": "errored",
+                "running": "running", "retrying": "running"}
+    assert {label: status[ids[label]] for label in plans} == expected
+    assert df.attrs["incomplete"] == {ids["stopped"]: "stopped early", ids["errored"]: "errored", ids["running"]: "running",
+                                      ids["retrying"]: "running", "abc12_00098": "errored", "abc12_00099": "not started"}
+    assert len(df) == sum(reported for reported, _, _ in plans.values())
+
+
+def test_without_rays_state_an_error_file_means_errored(tmp_path: Path):
+    experiment = tmp_path / "no-state"
+    _, errored = write_trial(experiment, 0, seed_params("max", 3), [curve("max", 3, 1)], error=True)
+    folder, running = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)])
+    with (folder / "result.json").open("a") as result:
+        result.write('{"epoch": 2, "val_')
+    df = analysis.load(experiment)
+    assert df.groupby("trial_id")["status"].first().to_dict() == {errored: "errored", running: "running"}
+    assert len(df) == 2  # the half-written last line of a killed driver is skipped
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "missing", lambda p: p, lambda p: (p / "file.txt").write_text("x") and p / "file.txt"])
+def test_a_path_that_is_not_an_experiment_folder_is_a_one_line_error(tmp_path: Path, make):
+    (tmp_path / "some_folder").mkdir()
+    with pytest.raises(AnalysisError) as error:
+        analysis.load(make(tmp_path))
+    assert "\n" not in str(error.value) and "experiment folder" in str(error.value)
+
+
+def test_the_command_line_reports_a_bad_path_in_one_line_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:
+        analysis.main([str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_file_uri_reads_like_a_local_path(seed_experiment: Path):
+    df = analysis.load(seed_experiment.as_uri())
+    assert len(df) == len(POOLINGS) * len(WIDTHS) * EPOCHS
+    folder = analysis.write_analysis(seed_experiment.as_uri())
+    assert folder == seed_experiment.as_uri() + "/analysis"
+    assert (seed_experiment / "analysis" / "report.md").exists()
+
+
+# --- Grouped views -----------------------------------------------------------------------------------------
+
+
+def test_grouped_means_equal_a_hand_computation(seed_experiment: Path):
+    df = analysis.load(seed_experiment)
+    table = analysis.summarize(df, "pooling").set_index(["pooling", "epoch"])
+    assert len(table) == len(POOLINGS) * 3  # every pooling at each snapshot epoch 2, 4, 6
+    for pooling in POOLINGS:
+        for epoch in (2, 4, 6):
+            values = hand_values("val_acc", epoch, pooling=pooling)
+            row = table.loc[(pooling, epoch)]
+            assert row["val_acc_mean"] == pytest.approx(statistics.mean(values))
+            assert row["val_acc_std"] == pytest.approx(statistics.stdev(values))
+            assert (row["val_acc_count"], row["val_acc_min"], row["val_acc_max"]) == (3, pytest.approx(min(values)), pytest.approx(max(values)))
+    by_epoch = analysis.summarize(df, "epoch", metrics=["val_loss"]).set_index("epoch")
+    assert list(by_epoch.index) == [2, 4, 6]
+    assert by_epoch.at[6, "val_loss_mean"] == pytest.approx(statistics.mean(hand_values("val_loss", 6)))
+    both = analysis.summarize(df, ["pooling", "conv_width"], at_epochs=[5]).set_index(["pooling", "conv_width", "epoch"])
+    assert both.at[("max", 7, 5), "train_acc_mean"] == pytest.approx(0.9) and both.at[("max", 7, 5), "train_acc_count"] == 1
+
+
+def test_summaries_at_each_trials_last_and_best_epoch(seed_experiment: Path):
+    df = analysis.load(seed_experiment)
+    last = analysis.summarize(df, "conv_width", at="last", metrics=["val_acc"]).set_index("conv_width")
+    assert last.at[7, "val_acc_mean"] == pytest.approx(statistics.mean(hand_values("val_acc", EPOCHS, width=7)))
+    assert "epoch" not in last.columns
+    best = analysis.select_rows(df, "best")
+    assert len(best) == 6 and set(best["epoch"]) == {EPOCHS}  # val_acc rises every epoch in the synthetic curves
+    with pytest.raises(AnalysisError, match="epoch"):
+        analysis.summarize(df, "pooling", at_epochs=[50])
+    with pytest.raises(AnalysisError, match="colour"):
+        analysis.summarize(df, "colour")
+
+
+def test_diagnosis_finds_the_best_epoch_the_gap_and_overfitting(seed_experiment: Path):
+    diagnosis = analysis.diagnose(analysis.load(seed_experiment)).set_index(["pooling", "conv_width"])
+    assert set(diagnosis.drop(("avg", 7))["best_epoch"]) == {3} and diagnosis.at[("avg", 7), "best_epoch"] == EPOCHS
+    assert diagnosis.at[("avg", 7), "overfitting"] == False  # noqa: E712 (a numpy bool)
+    assert diagnosis["overfitting"].sum() == 5
+    gap = curve("max", 5, 4)["train_acc"] - curve("max", 5, 4)["val_acc"]
+    assert diagnosis.at[("max", 5), "gap_at_4"] == pytest.approx(gap)
+
+
+def test_t_critical_values_match_the_tables():
+    for df, table in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert analysis.t_critical(df) == pytest.approx(table, abs=2e-3)
+
+
+def test_effects_and_importance_match_a_hand_computation(seed_experiment: Path):
+    df = analysis.load(seed_experiment)
+    table = analysis.effects(df).set_index(["setting", "value_a", "value_b"])
+    assert len(table) == 1 + 3  # pooling: one pair; conv_width: three pairs
+    avg, mx = hand_values("val_acc", EPOCHS, pooling="avg"), hand_values("val_acc", EPOCHS, pooling="max")
+    pooling = table.loc[("pooling", "avg", "max")]
+    assert pooling["difference"] == pytest.approx(0.005)
+    se = math.sqrt(statistics.variance(avg) / 3 + statistics.variance(mx) / 3)
+    assert pooling["high"] - pooling["difference"] == pytest.approx(analysis.t_critical(4) * se, rel=1e-3)  # equal variances: df 4
+    assert pooling["within_noise"]  # 0.5 points against a 2-point-per-step width effect in each group
+    widths = table.loc[("conv_width", 3, 7)]
+    assert widths["difference"] == pytest.approx(-0.04) and not widths["within_noise"]  # both pooling values per width: spread 0.5 points
+    ranking = analysis.importance(df)
+    assert list(ranking["setting"]) == ["conv_width", "pooling"]
+    values = pd.Series(hand_values("val_acc", EPOCHS))
+    assert ranking["variance_share"].iloc[1] == pytest.approx(6 * 0.0025**2 / ((values - values.mean()) ** 2).sum())
+
+
+def test_a_continuous_setting_is_split_at_its_median(tmp_path: Path):
+    experiment = tmp_path / "optuna"
+    rates = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
+    for index, lr in enumerate(rates):
+        write_trial(experiment, index, {"epochs": 1, "lr": lr}, [{**curve("max", 3, 1), "val_acc": 0.5 + index / 100}])
+    table = analysis.effects(analysis.load(experiment), ["lr"])
+    assert len(table) == 1
+    assert (table.at[0, "n_a"], table.at[0, "n_b"]) == (4, 4)
+    assert table.at[0, "difference"] == pytest.approx(0.04)
+
+
+# --- Exports, plots and report -----------------------------------------------------------------------------
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+
+
+def test_write_analysis_writes_tables_plots_and_a_report(seed_experiment: Path):
+    folder = analysis.write_analysis(seed_experiment)
+    assert folder == seed_experiment / "analysis"
+    results = pd.read_csv(folder / "results.csv")
+    assert len(results) == 36 and list(results.columns[:3]) == ["trial_id", "status", "epoch"]
+    assert pd.read_parquet(folder / "results.parquet")["val_acc"].tolist() == pytest.approx(results["val_acc"].tolist())
+    by_width = pd.read_csv(folder / "summary_conv_width.csv").set_index(["conv_width", "epoch"])
+    assert by_width.at[(5, 4), "val_acc_mean"] == pytest.approx(statistics.mean(hand_values("val_acc", 4, width=5)))
+    assert (folder / "summary_pooling.csv").exists() and (folder / "summary_epoch.csv").exists()
+    for name in ("learning_curves", "by_pooling", "by_conv_width", "by_epoch", "effects"):
+        assert_png(folder / f"{name}.png")
+    report = (folder / "report.md").read_text()
+    best = analysis.best_trials(analysis.load(seed_experiment)).iloc[0]
+    assert (best["pooling"], best["conv_width"]) == ("max", 3)
+    assert f"Best trial: **{best['trial_id']}**" in report
+    for setting in ("pooling", "conv_width"):
+        assert f"### By {setting}" in report and f"]({'by_' + setting}.png)" in report
+    assert "pooling: max vs avg differ by +0.5 points" in report and "within noise" in report
+    assert "Overfitting: 5 of 6 trials" in report and "lowest at epoch 3.5 on average" in report
+
+
+def test_each_plot_has_its_panels(seed_experiment: Path):
+    df = analysis.load(seed_experiment)
+    assert len(analysis.plot_learning_curves(df, "pooling").axes) == 3
+    assert len(analysis.plot_grouped(df, "conv_width").axes) == 3
+    assert len(analysis.plot_grouped(df, "epoch").axes) == 3
+    assert len(analysis.plot_effects(analysis.effects(df), analysis.importance(df)).axes) == 2
+
+
+def test_the_command_line_writes_where_asked_and_warns_about_incomplete_trials(tmp_path: Path, capsys: pytest.CaptureFixture):
+    experiment = tmp_path / "partial"
+    for index, pooling in enumerate(POOLINGS):
+        write_trial(experiment, index, seed_params(pooling, 3), [curve(pooling, 3, e) for e in range(1, 5 - 2 * index)])
+    analysis.main([str(experiment), "--by", "pooling", "--epochs", "1", "2", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert out.strip() == f"analysis: {tmp_path / 'out'}"
+    assert err.startswith("warning: 2 trial(s) incomplete") and "running" in err
+    summary = pd.read_csv(tmp_path / "out" / "summary_pooling.csv")
+    assert sorted(summary["epoch"].unique()) == [1, 2] and len(summary) == 4
+    assert "**Incomplete trials:**" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --- A tiny real Ray Tune sweep ----------------------------------------------------------------------------
+
+
+def failing_trainable(params: dict, data, marker_folder: str) -> None:
+    """Train for real; (max, 5) fails after epoch 3 every time, (avg, 5) once, so Ray retries from the
+    epoch-2 checkpoint and epoch 3 is reported twice."""
+    import torch
+    from ray import tune
+
+    from tune_cnn.train import TrainConfig, load_checkpoint, train
+
+    torch.set_num_threads(1)
+    resume = None
+    if tune.get_checkpoint() is not None:
+        with tune.get_checkpoint().as_directory() as folder:
+            resume = load_checkpoint(Path(folder))
+    marker = Path(marker_folder) / f"failed_{params['pooling']}_{params['conv_width']}"
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+        if params["conv_width"] == 5 and metrics["epoch"] == 3 and (params["pooling"] == "max" or not marker.exists()):
+            marker.touch()
+            raise RuntimeError("injected failure")
+
+    train(TrainConfig.from_flat(params), data, report, resume)
+
+
+@pytest.fixture(scope="module")
+def real_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import ray
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    storage = tmp_path_factory.mktemp("ray")
+    # Ray's workers cannot import a test module: send the trainable's code along with it.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        trainable = tune.with_parameters(failing_trainable, data=synthetic_splits(train=120, val=60, test=60), marker_folder=str(storage))
+        Tuner(
+            trainable,
+            param_space={"pooling": tune.grid_search(list(POOLINGS)), "conv_width": tune.grid_search([3, 5]), "padding": "same",
+                         "epochs": 4, "checkpoint_every": 2, "batch_size": 32, "lr": 0.003},
+            tune_config=TuneConfig(metric="val_acc", mode="max"),
+            run_config=RunConfig(name="tiny", storage_path=str(storage), verbose=0, failure_config=FailureConfig(max_failures=1),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        ).fit()
+    finally:
+        ray.shutdown()
+    return storage / "tiny"
+
+
+def test_a_real_sweep_loads_with_retries_errors_and_duplicates_resolved(real_experiment: Path):
+    df = analysis.load(real_experiment)
+    status = df.groupby(["pooling", "conv_width"])["status"].first().to_dict()
+    assert status == {("max", 3): "finished", ("max", 5): "errored", ("avg", 3): "finished", ("avg", 5): "finished"}
+    epochs = df.groupby(["pooling", "conv_width"])["epoch"].apply(list).to_dict()
+    assert epochs[("max", 5)] == [1, 2, 3] and epochs[("avg", 5)] == [1, 2, 3, 4]
+    assert len(df) == 15 and not df.duplicated(["trial_id", "epoch"]).any()
+    retried = next(p for p in real_experiment.iterdir() if "conv_width=5,pooling=avg" in p.name)
+    lines = [json.loads(line) for line in (retried / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 3, 4]
+    row = df[(df["pooling"] == "avg") & (df["conv_width"] == 5) & (df["epoch"] == 3)].iloc[0]
+    assert row["epoch_seconds"] == lines[3]["epoch_seconds"]  # the retry's report, not the first one
+    assert sorted(df.attrs["swept"]) == ["conv_width", "pooling"] and df.attrs["snapshot_epochs"] == [2, 4]
+    assert list(df.attrs["incomplete"].values()) == ["errored"]
+    assert np.isfinite(df[list(METRICS)].to_numpy()).all()
+
+
+def test_a_real_sweep_gets_its_analysis(real_experiment: Path):
+    folder = analysis.write_analysis(real_experiment)
+    summary = pd.read_csv(folder / "summary_pooling.csv").set_index(["pooling", "epoch"])
+    df = analysis.load(real_experiment)
+    at_4 = df[(df["epoch"] == 4) & (df["pooling"] == "max")]["val_acc"]
+    assert summary.at[("max", 4), "val_acc_mean"] == pytest.approx(at_4.mean()) and summary.at[("max", 4), "val_acc_count"] == 1
+    report = (folder / "report.md").read_text()
+    assert "pooling" in report and "conv_width" in report and "errored" in report
+    assert_png(folder / "learning_curves.png")
