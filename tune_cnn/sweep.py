@@ -401,8 +401,10 @@ def report_results(results, space: SearchSpace, experiment: Experiment) -> int:
     if failed:
         names = ", ".join(f"{Path(r.path).name} ({_settings_text({n: r.config.get(n) for n in space.swept})})" for r in failed)
         print(f"{len(failed)} trial(s) errored: {names}; see error.txt in their folders", file=sys.stderr)
-        return 1
-    return 0
+    unfinished = space.trial_count - results.num_terminated - results.num_errors
+    if unfinished > 0:  # the sweep was interrupted (Ctrl-C): Tune saved its state
+        print(f"{unfinished} trial(s) did not finish; rerun the same command with --resume to continue", file=sys.stderr)
+    return 1 if failed or unfinished > 0 else 0
 
 
 def print_best(results, space: SearchSpace) -> None:
