@@ -18,6 +18,7 @@ from tune_cnn import analysis
 from tune_cnn.analysis import AnalysisError, METRICS
 
 POOLINGS, WIDTHS, EPOCHS = ("max", "avg"), (3, 5, 7), 6
+NOISE = {("max", 3): 0.004, ("max", 5): -0.003, ("max", 7): 0.0, ("avg", 3): -0.002, ("avg", 5): 0.005, ("avg", 7): -0.001}
 SEED_METADATA = {"space": "mini-seed", "search": "grid", "metric": "val_acc", "mode": "max", "swept": ["pooling", "conv_width"],
                  "checkpoint_epochs": [2, 4, 6]}
 
@@ -26,9 +27,10 @@ SEED_METADATA = {"space": "mini-seed", "search": "grid", "metric": "val_acc", "m
 
 
 def curve(pooling: str, width: int, epoch: int, overfits: bool = True) -> dict[str, float]:
-    """Known metrics: validation accuracy falls 2 points per width step and is 0.5 points higher with max
-    pooling; validation loss is lowest at epoch 3 and rises after it (unless the trial does not overfit)."""
-    val_acc = 0.5 + 0.02 * epoch - 0.01 * (width - 3) + (0.005 if pooling == "max" else 0.0)
+    """Known metrics: validation accuracy falls 2 points per width step, is 0.5 points higher with max
+    pooling, plus a fixed per-trial noise; validation loss is lowest at epoch 3 and rises after it (unless
+    the trial does not overfit)."""
+    val_acc = 0.5 + 0.02 * epoch - 0.01 * (width - 3) + (0.005 if pooling == "max" else 0.0) + NOISE[pooling, width]
     val_loss = 1.0 - 0.1 * epoch if epoch <= 3 or not overfits else 0.7 + 0.1 * (epoch - 3)
     return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": 0.4 + 0.1 * epoch, "val_loss": val_loss, "val_acc": val_acc,
             "test_loss": val_loss + 0.01, "test_acc": val_acc - 0.01, "epoch_seconds": 2.0, "images_per_second": 500.0, "lr": 0.001}
@@ -230,18 +232,24 @@ def test_effects_and_importance_match_a_hand_computation(seed_experiment: Path):
     df = analysis.load(seed_experiment)
     table = analysis.effects(df).set_index(["setting", "value_a", "value_b"])
     assert len(table) == 1 + 3  # pooling: one pair; conv_width: three pairs
-    avg, mx = hand_values("val_acc", EPOCHS, pooling="avg"), hand_values("val_acc", EPOCHS, pooling="max")
+    cells = {(p, w): curve(p, w, EPOCHS)["val_acc"] for p in POOLINGS for w in WIDTHS}  # best epoch = last
+    row_mean = {p: statistics.mean(cells[p, w] for w in WIDTHS) for p in POOLINGS}
+    column_mean = {w: statistics.mean(cells[p, w] for p in POOLINGS) for w in WIDTHS}
+    grand = statistics.mean(cells.values())
+    # Two-way layout, one trial per cell: the noise is what is left after both main effects, on 2 df.
+    noise = math.sqrt(sum((y - row_mean[p] - column_mean[w] + grand) ** 2 for (p, w), y in cells.items()) / 2)
     pooling = table.loc[("pooling", "avg", "max")]
-    assert pooling["difference"] == pytest.approx(0.005)
-    se = math.sqrt(statistics.variance(avg) / 3 + statistics.variance(mx) / 3)
-    assert pooling["high"] - pooling["difference"] == pytest.approx(analysis.t_critical(4) * se, rel=1e-3)  # equal variances: df 4
-    assert pooling["within_noise"]  # 0.5 points against a 2-point-per-step width effect in each group
+    assert pooling["difference"] == pytest.approx(row_mean["max"] - row_mean["avg"])
+    assert pooling["high"] - pooling["difference"] == pytest.approx(4.303 * noise * math.sqrt(1 / 3 + 1 / 3), rel=1e-3)
+    assert pooling["within_noise"]
     widths = table.loc[("conv_width", 3, 7)]
-    assert widths["difference"] == pytest.approx(-0.04) and not widths["within_noise"]  # both pooling values per width: spread 0.5 points
-    ranking = analysis.importance(df)
-    assert list(ranking["setting"]) == ["conv_width", "pooling"]
-    values = pd.Series(hand_values("val_acc", EPOCHS))
-    assert ranking["variance_share"].iloc[1] == pytest.approx(6 * 0.0025**2 / ((values - values.mean()) ** 2).sum())
+    assert widths["difference"] == pytest.approx(column_mean[7] - column_mean[3])
+    assert widths["high"] - widths["difference"] == pytest.approx(4.303 * noise, rel=1e-3)
+    assert not widths["within_noise"]
+    ranking = analysis.importance(df).set_index("setting")
+    assert list(ranking.index) == ["conv_width", "pooling"] and list(ranking["rank"]) == [1, 2]
+    total = sum((y - grand) ** 2 for y in cells.values())
+    assert ranking.at["pooling", "variance_share"] == pytest.approx(3 * sum((m - grand) ** 2 for m in row_mean.values()) / total)
 
 
 def test_a_continuous_setting_is_split_at_its_median(tmp_path: Path):

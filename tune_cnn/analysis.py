@@ -380,18 +380,18 @@ def trial_values(df: pd.DataFrame, metric: str = "val_acc", at: At = "best") -> 
 
 
 def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
-    """For each pair of values of each setting: mean `metric` of each, the difference (b - a) and its Welch
-    95% interval. An interval that spans 0 means the difference is within trial-to-trial noise (which here
-    includes the other settings' effects); NaN bounds mean too few trials to tell."""
+    """For each pair of values of each setting: the mean `metric` of each, and the difference (b - a) with
+    its 95% interval from an additive model of all the settings (see AdditiveModel). An interval that
+    spans 0 means the difference is within trial-to-trial noise; NaN bounds mean too few trials to tell."""
     settings = list(settings if settings is not None else context(df).swept)
     _check_columns(df, settings)
     trials = grouping_levels(trial_values(df, metric, at), settings)
+    model = AdditiveModel.fit(trials, settings, metric)
     rows = []
     for name in settings:
         groups = {value: group[metric].to_numpy() for value, group in trials.groupby(name, sort=True)}
         for (a, xa), (b, xb) in itertools.combinations(groups.items(), 2):
-            difference = xb.mean() - xa.mean()
-            half_width = _welch_half_width(xa, xb)
+            difference, half_width = model.contrast(name, a, b)
             rows.append({
                 "setting": name, "value_a": a, "value_b": b, "n_a": len(xa), "n_b": len(xb),
                 "mean_a": xa.mean(), "mean_b": xb.mean(), "difference": difference,
@@ -401,14 +401,42 @@ def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str
     return pd.DataFrame(rows, columns=["setting", "value_a", "value_b", "n_a", "n_b", "mean_a", "mean_b", "difference", "low", "high", "within_noise"])
 
 
-def _welch_half_width(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> float:
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
-        return 0.0
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return t_critical(df, level) * math.sqrt(va + vb)
+@dataclass
+class AdditiveModel:
+    """metric = intercept + an effect per value of each setting + noise, fitted by least squares.
+
+    In a grid with one trial per combination, the spread within one setting's group is mostly the other
+    settings' effects; this model takes every setting's effect out, so its residual variance is the
+    trial-to-trial noise (interactions count as noise). In a balanced grid a difference equals the
+    difference of the two groups' means; otherwise it is adjusted for the other settings.
+    """
+
+    columns: list[tuple[str, Any]]
+    coefficients: np.ndarray
+    covariance: np.ndarray
+    residual_df: int
+
+    @classmethod
+    def fit(cls, trials: pd.DataFrame, settings: Sequence[str], metric: str) -> AdditiveModel:
+        # One indicator column per value but the first of each setting (the intercept carries it).
+        columns = [(name, value) for name in settings for value in sorted(trials[name].unique(), key=str)[1:]]
+        x = np.column_stack([np.ones(len(trials))] + [(trials[name] == value).to_numpy(float) for name, value in columns])
+        y = trials[metric].to_numpy(float)
+        coefficients = np.linalg.lstsq(x, y, rcond=None)[0]
+        residual_df = len(y) - int(np.linalg.matrix_rank(x))
+        variance = ((y - x @ coefficients) ** 2).sum() / residual_df if residual_df > 0 else math.nan
+        return cls(columns, coefficients, np.linalg.pinv(x.T @ x) * variance, residual_df)
+
+    def contrast(self, setting: str, a: Any, b: Any) -> tuple[float, float]:
+        """The difference b - a and the half width of its 95% interval (NaN without residual degrees of freedom)."""
+        weights = np.zeros(len(self.coefficients))
+        for value, sign in ((b, 1.0), (a, -1.0)):
+            if (setting, value) in self.columns:
+                weights[1 + self.columns.index((setting, value))] += sign
+        difference = float(weights @ self.coefficients)
+        if self.residual_df < 1:
+            return difference, math.nan
+        return difference, t_critical(self.residual_df) * math.sqrt(max(float(weights @ self.covariance @ weights), 0.0))
 
 
 def t_critical(df: float, level: float = 0.95) -> float:
@@ -508,7 +536,8 @@ def plot_grouped(df: pd.DataFrame, setting: str, at_epochs: Sequence[int] | None
                 if not len(values):
                     continue
                 x = i + (j - (len(levels) - 1) / 2) * width
-                box = ax.boxplot([values], positions=[x], widths=width * 0.8, patch_artist=True, showfliers=False)
+                box = ax.boxplot([values], positions=[x], widths=width * 0.8, patch_artist=True, showfliers=False,
+                                 medianprops={"color": "black"})
                 box["boxes"][0].set(facecolor=colours[level], alpha=0.35)
                 ax.scatter(x + jitter.uniform(-width / 5, width / 5, len(values)), values, color=colours[level], s=16, zorder=3)
         ax.set_xticks(range(len(epochs)), [f"epoch {e}" for e in epochs])
@@ -537,7 +566,7 @@ def plot_effects(effect_table: pd.DataFrame, importance_table: pd.DataFrame, met
     left.axvline(0, color="black", linewidth=0.8)
     left.set_yticks(y, labels)
     left.set(title=f"Effect of each setting on {metric} (95% interval; grey: within noise)",
-             xlabel=f"difference in mean {metric} ({unit or metric})")
+             xlabel=f"difference in mean {metric} at each trial's best epoch ({unit or metric})")
     left.grid(alpha=0.3, axis="x")
     right.barh(importance_table["setting"][::-1], 100 * importance_table["variance_share"][::-1], color="tab:blue")
     right.set(title=f"Importance: share of the variance in {metric} across trials", xlabel="variance explained by the setting alone (%)", xlim=(0, 100))
