@@ -119,6 +119,7 @@ def test_dry_run_of_an_optuna_space_shows_its_distributions(images: Path, capsys
         (["WIDE"], "conv_width=7: conv_width 7 with valid padding shrinks a 20x20 image"),
         (["quick", "--samples", "3"], "samples: applies to optuna search only"),
         (["quick", "--gpus-per-trial", "-1"], "resources.gpu: -1.0 is not allowed"),
+        (["quick", "--epochs", "0"], "fixed.epochs: epochs 0 is out of range"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args, message):
@@ -184,6 +185,19 @@ def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path
     captured = capsys.readouterr()
     assert code == 1
     assert "1 trial(s) errored: run_trial_" in captured.err and "(pooling=max)" in captured.err
+
+
+def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Path):
+    space = write_space(tmp_path, """
+        fixed: {epochs: 1, padding: same}
+        space: {pooling: [max, avg]}
+    """)
+    for name in ("first", "second"):
+        assert sweep.main([str(space), "--data", str(images), "--storage", str(tmp_path / "results"), "--name", name, "--seed", "7"]) == 0
+    runs = [trial_results(tmp_path / "results" / name) for name in ("first", "second")]
+    numbers = [sorted((h[-1]["config"]["pooling"], h[-1]["trial_seed"], h[-1]["val_loss"]) for h in run.values()) for run in runs]
+    assert numbers[0] == numbers[1]
+    assert numbers[0][0][1] != numbers[0][1][1]  # the two trials got different seeds
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):

@@ -260,11 +260,12 @@ def _resources(fail: _Failer, raw: Any) -> Resources:
     given = _mapping(fail, "resources", raw, ("cpu", "gpu"))
     cpu = _number(fail, "resources.cpu", given.get("cpu", 1), minimum=0, strict=True)
     gpu = given.get("gpu", 0)
-    if gpu != "auto":
-        gpu = _number(fail, "resources.gpu", gpu, minimum=0)
-        if gpu > 1 and gpu != int(gpu):
-            fail("resources.gpu", f"{gpu!r} is not allowed; use a fraction of one GPU (0.25, 0.5), a whole number, or auto")
-    return Resources(cpu=cpu, gpu=gpu)
+    if gpu == "auto":
+        return Resources(cpu=cpu, gpu=gpu)
+    number = isinstance(gpu, (int, float)) and not isinstance(gpu, bool)
+    if not number or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        fail("resources.gpu", f"{gpu!r} is not allowed; use 0, a fraction of one GPU (0.25, 0.5), a whole number, or auto")
+    return Resources(cpu=cpu, gpu=float(gpu))
 
 
 def _scheduler(fail: _Failer, raw: Any, epochs: int) -> Scheduler:
