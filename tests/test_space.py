@@ -157,3 +157,9 @@ def test_a_model_that_does_not_fit_the_images_is_caught_before_training(tmp_path
     with pytest.raises(ConfigError, match=r"valid\.yaml: conv_width=7: conv_width 7 with valid padding shrinks a 32x32"):
         space.check_models(CIFAR_SHAPE)
     space.check_models(InputShape(3, 64, 64, 10))
+
+
+def test_overrides_do_not_hide_a_malformed_section(tmp_path: Path):
+    path = write_space(tmp_path, "fixed: [epochs, 3]\n", "list.yaml")
+    with pytest.raises(ConfigError, match=r"list\.yaml: fixed: expected a mapping"):
+        load_space(path, {"fixed": {"epochs": 2}})

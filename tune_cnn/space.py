@@ -165,10 +165,10 @@ def load_space(name_or_path: str | Path, overrides: Mapping[str, Any] | None = N
     text = path.read_text()
     raw = parse_yaml(path, text)
     for key, value in (overrides or {}).items():
-        if key in ("fixed", "resources"):
-            raw[key] = {**(raw.get(key) or {}), **value}
-        else:
+        if key not in ("fixed", "resources"):
             raw[key] = value
+        elif isinstance(raw.get(key) or {}, Mapping):  # otherwise the file's own error is reported
+            raw[key] = {**(raw.get(key) or {}), **value}
     return build_space(path, text, raw)
 
 
