@@ -10,6 +10,8 @@ the snapshot epochs; without it both are worked out from the trials.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import itertools
 import json
 import math
@@ -183,7 +185,7 @@ def _read_trial(storage: Storage, folder: str, state: tuple[str, str] | None) ->
     params = json.loads(storage.read_text(f"{folder}/params.json") or "null")
     if not isinstance(params, dict):
         return None
-    reports = _parse_reports(storage.read_text(f"{folder}/result.json") or "")
+    reports = _merge_reports(storage.read_text(f"{folder}/result.json") or "", storage.read_text(f"{folder}/progress.csv") or "")
     trial_id = state[0] if state else next((r["trial_id"] for r in reports if "trial_id" in r), folder)
     settings = _settings(params, reports)
     has_error_file = bool({"error.txt", "error.pkl"} & set(storage.listing(folder)[0]))
@@ -191,18 +193,42 @@ def _read_trial(storage: Storage, folder: str, state: tuple[str, str] | None) ->
     return TrialRecord(trial_id, settings, reports, status)
 
 
-def _parse_reports(text: str) -> list[dict[str, Any]]:
-    """One dict per epoch in report order, the latest report of an epoch reported twice (after a restore)."""
-    by_epoch: dict[int, dict[str, Any]] = {}
+def _merge_reports(result_json: str, progress_csv: str) -> list[dict[str, Any]]:
+    """One report per epoch, in epoch order: the latest report of an epoch reported twice (after a restore).
+
+    When Ray retries a trial it copies result.json and progress.csv onto themselves (on local storage the
+    "remote" copy is the same file), which can drop earlier lines of either; each file fills the other's gaps.
+    """
+    return sorted({**_latest_per_epoch(_csv_reports(progress_csv)), **_latest_per_epoch(_json_reports(result_json))}.values(),
+                  key=lambda r: r["epoch"])
+
+
+def _latest_per_epoch(reports: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {int(r["epoch"]): {**r, "epoch": int(r["epoch"])} for r in reports}
+
+
+def _json_reports(text: str) -> list[dict[str, Any]]:
+    reports = []
     for line in text.splitlines():
         try:
             report = json.loads(line)
         except ValueError:  # a driver killed mid-write leaves half a line
             continue
         if isinstance(report, dict) and "epoch" in report:
-            by_epoch.pop(int(report["epoch"]), None)
-            by_epoch[int(report["epoch"])] = report
-    return sorted(by_epoch.values(), key=lambda r: int(r["epoch"]))
+            reports.append(report)
+    return reports
+
+
+def _csv_reports(text: str) -> list[dict[str, Any]]:
+    reports = []
+    for row in csv.DictReader(io.StringIO(text)):
+        try:
+            numbers = {k: float(row[k]) for k in ("epoch", *METRICS, "trial_seed") if row.get(k)}
+        except ValueError:  # a half-written row
+            continue
+        if "epoch" in numbers:
+            reports.append({**numbers, **({"trial_id": row["trial_id"]} if row.get("trial_id") else {})})
+    return reports
 
 
 def _status(reports: list[dict[str, Any]], epochs: int, state: str | None, has_error_file: bool) -> str:
@@ -230,7 +256,7 @@ def _settings(params: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str
     settings = {**TrainConfig().flat(), **params}
     seeds = [r["trial_seed"] for r in reports if "trial_seed" in r]
     if seeds:  # the sweep derives each trial's seed and reports the one it used
-        settings["seed"] = seeds[-1]
+        settings["seed"] = int(seeds[-1])
     return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
 
 
@@ -583,6 +609,15 @@ def _save(figure: Any, path: Path) -> str:
 # --- Report ------------------------------------------------------------------------------------------------
 
 
+def _readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Accuracies and accuracy gaps in percent, for tables people read."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if column.endswith("_acc") or column.startswith("gap_at_") or column == "val_acc_at_best_epoch":
+            frame[column] = [_percent(v) for v in frame[column]]
+    return frame
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
@@ -595,7 +630,7 @@ def _cell(value: Any) -> str:
 
 
 def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}%" if not math.isnan(value) else "-"
 
 
 def _points(value: float) -> str:
@@ -664,11 +699,11 @@ def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect
         lines += ["", "**Incomplete trials:** " + ", ".join(f"{t} ({s})" for t, s in ctx.incomplete.items()) + "."]
     best = best_trials(df)
     top = best.iloc[0]
-    settings = ", ".join(f"{s}={_label(top[s])}" for s in ctx.swept)
+    settings = "".join(f" ({', '.join(f'{s}={_label(top[s])}' for s in ctx.swept)})" if ctx.swept else "")
     lines += [
         "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "",
-        f"Best trial: **{top['trial_id']}** ({settings}): {ctx.metric} {_cell(top[ctx.metric])} at epoch {top['epoch']}.", "",
-        _markdown_table(best), "", "## Findings", "",
+        f"Best trial: **{top['trial_id']}**{settings}: {ctx.metric} {_readable(best)[ctx.metric].iloc[0]} at epoch {top['epoch']}.", "",
+        _markdown_table(_readable(best)), "", "## Findings", "",
         *[f"- {line}" for line in findings(df, effect_table, importance_table, diagnosis)],
         "", f"![Effects]({plots['effects']})" if "effects" in plots else "",
         "", "## Grouped views at the snapshot epochs", "",
@@ -677,7 +712,7 @@ def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect
         keys = ["epoch"] if key == "epoch" else [key, "epoch"]
         lines += [f"### By {key}", "", _markdown_table(grouped_table(summary, keys)), "", f"![By {key}]({plots[key]})", ""]
     lines += ["## Learning curves", "", f"![Learning curves]({plots['learning_curves']})", "",
-              "## Per-trial diagnosis", "", _markdown_table(diagnosis), ""]
+              "## Per-trial diagnosis", "", _markdown_table(_readable(diagnosis)), ""]
     return "\n".join(lines)
 
 
@@ -690,7 +725,12 @@ def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str
 
     An experiment on cloud storage gets its analysis written locally first, then copied next to it.
     """
-    df = load(experiment)
+    return analyse_into(load(experiment), experiment, out, by, at_epochs)
+
+
+def analyse_into(df: pd.DataFrame, experiment: str | Path, out: Path | None = None, by: list[str] | None = None,
+                 at_epochs: list[int] | None = None) -> Path | str:
+    """write_analysis for an experiment already loaded as `df`."""
     storage = Storage.open(experiment)
     if out is not None or "://" not in str(experiment):
         folder = Path(out) if out is not None else Path(storage.location) / "analysis"
@@ -703,15 +743,16 @@ def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str
 
 
 def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None) -> None:
+    settings = list(by) if by is not None else context(df).swept
+    _check_columns(df, settings)
+    if len(df):
+        snapshot_epochs(df, at_epochs)  # a bad --epochs fails before anything is written
     folder.mkdir(parents=True, exist_ok=True)
     df.to_csv(folder / "results.csv", index=False)
     df.to_parquet(folder / "results.parquet", index=False)
     if df.empty:
         (folder / "report.md").write_text(f"# Analysis of {context(df).experiment}\n\nNo trial has reported a result yet.\n")
         return
-    ctx = context(df)
-    settings = list(by) if by is not None else ctx.swept
-    _check_columns(df, settings)
     summaries = {key: summarize(df, key, at_epochs) for key in [*settings, "epoch"]}
     for key, summary in summaries.items():
         summary.to_csv(folder / f"summary_{key}.csv", index=False)
@@ -742,8 +783,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    folder = write_analysis(args.experiment, args.out, args.by, args.epochs)
-    incomplete = load(args.experiment).attrs["incomplete"]
+    df = load(args.experiment)
+    folder = analyse_into(df, args.experiment, args.out, args.by, args.epochs)
+    incomplete = df.attrs["incomplete"]
     if incomplete:
         listed = ", ".join(f"{t} ({s})" for t, s in incomplete.items())
         print(f"warning: {len(incomplete)} trial(s) incomplete: {listed}", file=sys.stderr)
