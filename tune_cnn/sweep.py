@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_cnn.data import DataSplits, load_data
-from tune_cnn.errors import ConfigError, exit_on_user_error
+from tune_cnn.errors import ConfigError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 from tune_cnn.train import TrainConfig, load_checkpoint, train
 
@@ -401,7 +401,10 @@ def print_analysis(experiment: Experiment) -> None:
     except ImportError:  # the analysis module lands in its own issue
         print(f"results: {experiment.path} (load them with ray.tune.ExperimentAnalysis)")
         return
-    print(f"analysis: {write_analysis(experiment.path)}")
+    try:
+        print(f"analysis: {write_analysis(experiment.path)}")
+    except TuneCnnError as error:  # e.g. every trial errored: the sweep's own outcome still stands
+        print(f"analysis: skipped ({error})")
 
 
 if __name__ == "__main__":
