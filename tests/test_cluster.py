@@ -10,6 +10,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from conftest import make_image_folder
+from tune_cnn import sweep
 from test_sweep import QUICK_TRIALS, run_cli, trial_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,15 @@ def test_a_typo_in_cluster_yaml_fails_validation(cluster_config: dict, typo):
     typo(broken)
     with pytest.raises(Exception):
         check(broken)
+
+
+def test_gpu_requests_survive_a_cluster_whose_gpu_workers_have_not_started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text((ROOT / "cluster.yaml").read_text())  # what `ray up` leaves on the head node
+    monkeypatch.setattr(sweep, "AUTOSCALER_CONFIG", bootstrap)
+    assert sweep.scalable_gpus() == 8  # up to 8 GPU workers with one GPU each
+    monkeypatch.setattr(sweep, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")
+    assert sweep.scalable_gpus() == 0
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tune_cnn.data import DataSplits, load_data
 from tune_cnn.errors import ConfigError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
@@ -26,6 +28,7 @@ METADATA_FILE = "tune_cnn.json"
 PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
 BEST_ROWS = 5
 MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
+AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster's config on its head
 
 
 # --- The trainable (runs in a Ray worker) ------------------------------------------------------------------
@@ -257,14 +260,23 @@ def cluster_gpus() -> float:
     """GPUs the cluster has now, or can scale to when an autoscaler is configured with GPU node types."""
     import ray
 
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+    return max(float(ray.cluster_resources().get("GPU", 0)), scalable_gpus())
+
+
+def scalable_gpus() -> float:
+    """GPUs an autoscaler may add: from the config Ray reports (autoscaler v2, KubeRay) or `ray up`'s on the head."""
     try:
         from ray._private.state import state
 
-        scalable = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
-    except Exception:  # a private API: without it, count only the GPUs that are there
-        scalable = 0
-    return max(gpus, float(scalable))
+        reported = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception:  # a private API, and absent off a cluster: then only the head's config file counts
+        reported = 0.0
+    path = AUTOSCALER_CONFIG.expanduser()
+    if not path.is_file():
+        return reported
+    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {}).values()
+    configured = sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in node_types)
+    return max(reported, float(configured))
 
 
 def trial_resources(space: SearchSpace) -> dict[str, float]:
