@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
 BEST_ROWS = 5
 MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster's config on its head
+CONNECT_TIMEOUT_S = 10.0  # how long --address may take to answer before the sweep gives up
 
 
 # --- The trainable (runs in a Ray worker) ------------------------------------------------------------------
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_trials(space, data))
         return 0
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     experiment = Experiment(args.storage, args.name or space.name)
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
@@ -174,6 +178,8 @@ class Experiment:
     """The experiment folder, local or on cloud storage (pyarrow file systems speak both)."""
 
     def __init__(self, storage: str, name: str):
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(f"--name '{name}' is not a folder name; name the experiment only and choose its place with --storage")
         self.is_uri = "://" in storage
         self.storage = storage.rstrip("/") if self.is_uri else str(Path(storage).expanduser().resolve())
         self.name = name
@@ -249,11 +255,29 @@ def connect_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        check_cluster_answers(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as error:  # e.g. `auto` where no cluster runs on this machine
+            raise ConfigError(f"cannot join a Ray cluster at --address {address} ({str(error).splitlines()[0]}); start one with `ray start --head`") from None
     else:
         # No dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own).
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+def check_cluster_answers(address: str) -> None:
+    """ray.init waits minutes for a cluster that does not answer; a TCP connection to it tells in seconds."""
+    if address == "auto" or "://" in address:  # Ray resolves these itself (the local cluster's file, Ray Client)
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"no Ray cluster answers at --address {address} ({error}); check HOST:PORT of the head node "
+            f"(port 6379 by default), or start a cluster there with `ray start --head`"
+        ) from None
 
 
 def cluster_gpus() -> float:

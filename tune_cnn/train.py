@@ -10,9 +10,11 @@ gather, one forward, one backward and one optimizer step per batch: no DataLoade
 from __future__ import annotations
 
 import argparse
+import pickle
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -153,7 +155,18 @@ class LocalCheckpoints:
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     """Read a checkpoint folder; weights_only=True means a checkpoint file cannot run code."""
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found; pass a checkpoint folder such as checkpoints/epoch_010")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # foreign, truncated or unsafe (code-running) files
+        raise ConfigError(
+            f"checkpoint {path} is not a tune_cnn checkpoint (unreadable, or holds objects a safe load refuses); "
+            f"pass a folder written by train or a sweep"
+        ) from None
 
 
 def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
