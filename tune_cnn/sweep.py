@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
 BEST_ROWS = 5
 MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster's config on its head
-CONNECT_TIMEOUT_S = 10.0  # how long --address may take to answer before the sweep gives up
+CONNECT_TIMEOUT_S = 30.0  # how long joining --address may take before the sweep gives up
 
 
 # --- The trainable (runs in a Ray worker) ------------------------------------------------------------------
@@ -256,10 +257,7 @@ def connect_ray(address: str | None) -> bool:
         return False
     if address:
         check_cluster_answers(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as error:  # e.g. `auto` where no cluster runs on this machine
-            raise ConfigError(f"cannot join a Ray cluster at --address {address} ({str(error).splitlines()[0]}); start one with `ray start --head`") from None
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         # No dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own).
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
@@ -267,17 +265,34 @@ def connect_ray(address: str | None) -> bool:
 
 
 def check_cluster_answers(address: str) -> None:
-    """ray.init waits minutes for a cluster that does not answer; a TCP connection to it tells in seconds."""
+    """ray.init retries for minutes where no Ray cluster answers; find out within CONNECT_TIMEOUT_S instead."""
+    try:
+        _refuse_fast(address)
+        # Something listening is not yet a Ray cluster: join it from a throwaway process that can be timed out.
+        probe = subprocess.run(
+            [sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR')", address],
+            capture_output=True, text=True, timeout=CONNECT_TIMEOUT_S,
+        )
+        if probe.returncode != 0:
+            raise OSError((probe.stderr.strip().splitlines() or ["ray.init failed"])[-1])
+    except subprocess.TimeoutExpired:
+        reason = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    except (OSError, ValueError) as error:
+        reason = str(error)
+    else:
+        return
+    raise ConfigError(
+        f"no Ray cluster answers at --address {address} ({reason}); check HOST:PORT of the head node "
+        f"(port 6379 by default), or start a cluster there with `ray start --head`"
+    )
+
+
+def _refuse_fast(address: str) -> None:
+    """A HOST:PORT where nothing listens fails in a TCP connect, without a Ray start-up."""
     if address == "auto" or "://" in address:  # Ray resolves these itself (the local cluster's file, Ray Client)
         return
     host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"no Ray cluster answers at --address {address} ({error}); check HOST:PORT of the head node "
-            f"(port 6379 by default), or start a cluster there with `ray start --head`"
-        ) from None
+    socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
 
 
 def cluster_gpus() -> float:
