@@ -428,10 +428,18 @@ def report_results(results, space: SearchSpace, experiment: Experiment) -> int:
     if failed:
         names = ", ".join(f"{Path(r.path).name} ({_settings_text({n: r.config.get(n) for n in space.swept})})" for r in failed)
         print(f"{len(failed)} trial(s) errored: {names}; see error.txt in their folders", file=sys.stderr)
-    unfinished = space.trial_count - results.num_terminated - results.num_errors
+    ended = [status for status in saved_trial_statuses(experiment) if status in ("TERMINATED", "ERROR")]
+    unfinished = space.trial_count - len(ended)
     if unfinished > 0:  # the sweep was interrupted (Ctrl-C): Tune saved its state
         print(f"{unfinished} trial(s) did not finish; rerun the same command with --resume to continue", file=sys.stderr)
     return 1 if failed or unfinished > 0 else 0
+
+
+def saved_trial_statuses(experiment: Experiment) -> list[str]:
+    """Trial statuses as Tune saved them: after Ctrl-C it saves, then marks the trials it stops TERMINATED in memory."""
+    from ray.tune import ExperimentAnalysis
+
+    return [trial.status for trial in ExperimentAnalysis(experiment.path).trials]
 
 
 def print_best(results, space: SearchSpace) -> None:
