@@ -284,3 +284,54 @@ def test_trials_of_a_lost_node_are_rescheduled_on_the_surviving_node(two_node_cl
     df = analysis.load(experiment)
     assert set(df["status"]) == {"finished"}
     assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * 2
+
+
+# --- 4. Storage stops taking writes ------------------------------------------------------------------------
+
+
+def freeze(folder: Path) -> None:
+    """Make a folder tree unwritable, even for root (immutable files), as a full or read-only disk would be."""
+    if os.geteuid() != 0:
+        subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
+    elif subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without immutable files: cannot make storage unwritable")
+
+
+def thaw(folder: Path) -> None:
+    command = ["chmod", "-R", "u+w"] if os.geteuid() != 0 else ["chattr", "-R", "-i"]
+    subprocess.run([*command, str(folder)], capture_output=True)
+
+
+def test_storage_that_stops_taking_writes_is_one_clear_error_and_keeps_what_was_written(images: Path, tmp_path: Path):
+    epochs = 30
+    space = write_space(tmp_path, f"""
+        resources: {{cpu: 1}}
+        fixed: {{epochs: {epochs}, checkpoint_every: 1, padding: same, batch_size: 8}}
+        space: {{pooling: [max]}}
+    """)
+    storage = tmp_path / "results"
+    experiment = storage / "space"
+    run = Sweep(str(space), "--data", str(images), "--storage", str(storage))
+
+    def two_checkpoints_saved() -> SavedTrial | None:
+        """a trial with two epochs saved"""
+        return next((t for t in saved_trials(experiment) if t["last"].get("epoch", 0) >= 2), None)
+
+    wait_for(two_checkpoints_saved, run)
+    freeze(storage)
+    try:
+        code, output = run.finish()
+        df = analysis.load(experiment)
+        rewrite = subprocess.run([sys.executable, "-m", "tune_cnn.analysis", str(experiment)], capture_output=True, text=True)
+        elsewhere = analysis.write_analysis(experiment, out=tmp_path / "analysis")
+    finally:
+        thaw(storage)
+
+    # Ray logs each failed save with its traceback; the command itself must not crash (an uncaught exception's
+    # traceback starts in runpy) and ends with one line.
+    assert code == 2 and "<frozen runpy>" not in output, output[-3000:]
+    assert output.splitlines()[-1].startswith(f"error: cannot write to the experiment folder {experiment} ("), output[-3000:]
+    assert "what was saved before is kept, continue with --resume" in output
+    assert len(df) >= 2 and df["epoch"].tolist() == list(range(1, len(df) + 1))  # every epoch saved before the fault
+    assert rewrite.returncode == 2 and rewrite.stderr.startswith(f"error: cannot write the analysis to {experiment}/analysis")
+    assert (elsewhere / "report.md").exists()

@@ -732,14 +732,18 @@ def analyse_into(df: pd.DataFrame, experiment: str | Path, out: Path | None = No
                  at_epochs: list[int] | None = None) -> Path | str:
     """write_analysis for an experiment already loaded as `df`."""
     storage = Storage.open(experiment)
-    if out is not None or "://" not in str(experiment):
-        folder = Path(out) if out is not None else Path(storage.location) / "analysis"
-        _write_files(df, folder, by, at_epochs)
-        return folder
-    with tempfile.TemporaryDirectory(prefix="tune_cnn_analysis_") as local:
-        _write_files(df, Path(local), by, at_epochs)
-        storage.upload(Path(local), "analysis")
-    return f"{storage.location}/analysis"
+    local = out is not None or "://" not in str(experiment)
+    target = Path(out) if out is not None else (Path(storage.location) / "analysis" if local else f"{storage.location}/analysis")
+    try:
+        if local:
+            _write_files(df, target, by, at_epochs)
+            return target
+        with tempfile.TemporaryDirectory(prefix="tune_cnn_analysis_") as folder:
+            _write_files(df, Path(folder), by, at_epochs)
+            storage.upload(Path(folder), "analysis")
+        return target
+    except OSError as error:  # a read-only or full disk, or a bucket without write access
+        raise AnalysisError(f"cannot write the analysis to {target} ({error.strerror or error}); choose a writable folder with --out") from None
 
 
 def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None) -> None:

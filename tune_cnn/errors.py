@@ -21,6 +21,10 @@ class DataError(TuneCnnError):
     """A data set cannot be found, read or used."""
 
 
+class StorageError(TuneCnnError):
+    """The experiment's storage cannot be written (permissions, a full disk, a bucket without access)."""
+
+
 def exit_on_user_error(main: F) -> F:
     """Run a command's main(); a user error ends it with one line on stderr and exit code 2."""
 

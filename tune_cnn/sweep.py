@@ -16,13 +16,14 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tune_cnn.data import DataSplits, load_data
-from tune_cnn.errors import ConfigError, TuneCnnError, exit_on_user_error
+from tune_cnn.errors import ConfigError, StorageError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 from tune_cnn.train import TrainConfig, load_checkpoint, train
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
     results = run_sweep(space, data, experiment, args)
+    experiment.check_writable()  # trials that could not save have errored; say why, once
     return report_results(results, space, experiment)
 
 
@@ -206,10 +208,31 @@ class Experiment:
             return None
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
-        fs, path = self._fs()
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{METADATA_FILE}") as f:
-            f.write(json.dumps(metadata, indent=2).encode())
+        with self._writing(started=False):
+            fs, path = self._fs()
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{METADATA_FILE}") as f:
+                f.write(json.dumps(metadata, indent=2).encode())
+
+    def check_writable(self) -> None:
+        """After a sweep: storage that stopped taking writes is why trials errored, so it is the one error."""
+        with self._writing(started=True):
+            fs, path = self._fs()
+            probe = f"{path}/.tune_cnn_write_test"
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            fs.delete_file(probe)
+
+    @contextmanager
+    def _writing(self, started: bool):
+        """A write that fails (permissions, a full disk) is one line; a started sweep keeps what it saved."""
+        try:
+            yield
+        except OSError as error:
+            kept = "; what was saved before is kept, continue with --resume once it is fixed" if started else ""
+            raise StorageError(
+                f"cannot write to the experiment folder {self.path} ({error.strerror or error}); free space or fix its permissions{kept}"
+            ) from None
 
     def check(self, resume: bool, metadata: dict[str, Any]) -> None:
         """A new sweep needs a fresh name; a resumed one needs its experiment, run with the same inputs."""
