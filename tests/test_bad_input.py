@@ -6,6 +6,7 @@ the analysis's output folder. A property-based test holds the search-space loade
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -79,12 +80,17 @@ def evil_checkpoint(tmp: Path) -> str:
     return str(folder)
 
 
-def escaping_tar(tmp: Path) -> str:
+def evil_tar(tmp: Path, member: str, link: bool = False) -> str:
+    """An archive with one member that would land outside the cache folder if extracted naively."""
     archive = tmp / "evil.tar.gz"
-    payload = tmp / "payload.txt"
-    payload.write_text("x")
+    info = tarfile.TarInfo(member)  # TarInfo keeps the name as given, where tar.add would strip a leading /
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(payload, arcname="../../escaped.txt")
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc"
+            tar.addfile(info)
+        else:
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
     return str(archive)
 
 
@@ -154,7 +160,9 @@ CASES: dict[str, Case] = {
         "classes differ from train",
     ),
     "archive that is not one": ("train", lambda t, i: ["--data", garbage_archive(t)], "not a readable archive"),
-    "archive member escaping the cache": ("train", lambda t, i: ["--data", escaping_tar(t)], "unsafe path '../../escaped.txt'"),
+    "archive member escaping the cache": ("train", lambda t, i: ["--data", evil_tar(t, "../../escaped.txt")], "unsafe path '../../escaped.txt'"),
+    "archive member with an absolute path": ("train", lambda t, i: ["--data", evil_tar(t, "/tmp/escaped.txt")], "unsafe path '/tmp/escaped.txt'"),
+    "archive member that links outside": ("train", lambda t, i: ["--data", evil_tar(t, "train", link=True)], "holds a link (train)"),
     "subset larger than the data": ("train", lambda t, i: ["--data", str(i), "--subset", "999"], "subset 999 is out of range"),
     # Training settings
     "GPU requested where there is none": ("train", lambda t, i: ["--data", str(i), "--set", "device=cuda"], "has no CUDA GPU"),
@@ -196,7 +204,8 @@ def test_bad_input_is_one_line_and_exit_2(case: str, images: Path, tmp_path: Pat
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in done.stdout + done.stderr
     assert not out.exists(), f"{command} left {out} behind"
-    assert not (tmp_path / "pwned").exists() and not (tmp_path.parent / "escaped.txt").exists()
+    assert not (tmp_path / "pwned").exists(), "a checkpoint ran code"
+    assert not Path("/tmp/escaped.txt").exists() and not list(tmp_path.parent.rglob("escaped.txt")), "an archive escaped the cache"
 
 
 # --- The search-space loader, property-based -------------------------------------------------------------
