@@ -10,6 +10,7 @@ gather, one forward, one backward and one optimizer step per batch: no DataLoade
 from __future__ import annotations
 
 import argparse
+import ctypes
 import pickle
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ Metrics = dict[str, float]
 Reporter = Callable[[Metrics, "Path | None"], None]
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
 CPU_EVAL_BATCH = 256
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,8 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     evaluated it 2x faster than NCHW (NCHW max-pooling is slow there); on CUDA it is what tensor cores want.
     """
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(config.seed)
     shuffle = torch.Generator(device=device).manual_seed(config.seed)
     model = build_model(config.model, shape).to(device, memory_format=torch.channels_last)
@@ -281,6 +285,22 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return Engine(config, device, model, compiled(model, config, device), optimizer, shuffle, autocast,
                   _pixel_scale(mean, device), _pixel_scale(std, device))
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed activation buffers instead of handing them back to the kernel after every step.
+
+    PyTorch has no caching allocator on the CPU; with glibc's defaults each step's multi-megabyte buffers
+    were unmapped and faulted in again (1.3 million page faults and a third of the time in the kernel per
+    20,000-image epoch). With these thresholds the seed model trained 3,900 -> 5,000 images/s (measured).
+    Process-wide and harmless elsewhere; a no-op where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: blocks up to 32 MB come from the heap
+    mallopt(M_TRIM_THRESHOLD, 512 << 20)  # and the heap keeps up to 512 MB free before trimming
 
 
 def _pixel_scale(values: Sequence[float], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""The engine against the tutorials' reference loop (same function, same accuracy), and the benchmark's output."""
+import json
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_image_folder, synthetic_splits
+from tune_cnn.bench import Plan, TutorialDataset, main, reference_epoch, reference_loader, reference_model, run_benchmark
+from tune_cnn.data import load_data
+from tune_cnn.train import TrainConfig, build_engine, evaluate
+
+
+def test_engine_computes_the_reference_loss_and_gradients_on_the_same_batch(small_data):
+    config = TrainConfig(batch_size=32)
+    ref_model, _ = reference_model(config, small_data.shape)
+    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+    for a, b in zip(ref_model.state_dict().values(), engine.model.state_dict().values()):
+        assert torch.equal(a, b)  # the same seeded initialisation
+
+    dataset = TutorialDataset(small_data.train, small_data.mean, small_data.std)
+    ref_x = torch.stack([dataset[i][0] for i in range(32)])
+    on_device = engine.put(small_data.train)
+    eng_x, y = on_device.normalise(on_device.x[:32]), on_device.y[:32]
+    torch.testing.assert_close(eng_x, ref_x, atol=1e-5, rtol=1e-5)
+
+    for model, x in ((ref_model, ref_x), (engine.model, eng_x)):
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+    for a, b in zip(ref_model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_engine_trains_to_the_reference_accuracy_on_real_cifar10(cifar_archive):
+    """Three seeds each, 3 epochs on 2,000 images: the mean validation accuracies agree within noise."""
+    data = load_data(cifar_archive, subset=2000)
+    accuracies = {"reference": [], "engine": []}
+    for seed in (0, 1, 2):
+        config = TrainConfig(seed=seed)
+        model, optimizer = reference_model(config, data.shape)
+        loader = reference_loader(data.train, data, config.batch_size, workers=0, seed=seed)
+        engine = build_engine(config, data.shape, data.mean, data.std)
+        train_split, val_split = engine.put(data.train), engine.put(data.val)
+        for _ in range(3):
+            reference_epoch(model, optimizer, loader)
+            engine.train_epoch(train_split)
+        accuracies["reference"].append(evaluate(model, val_split, 256)[1])
+        accuracies["engine"].append(engine.evaluate(val_split)[1])
+    means = {k: statistics.mean(v) for k, v in accuracies.items()}
+    assert min(means.values()) > 0.3, accuracies  # both learn
+    spread = max(statistics.stdev(v) for v in accuracies.values())
+    assert abs(means["engine"] - means["reference"]) <= max(0.03, 3 * spread), accuracies
+
+
+def test_benchmark_times_every_pipeline_and_writes_well_formed_figures(tmp_path):
+    data = synthetic_splits(train=400, val=40, test=40)
+    plan = Plan(TrainConfig(batch_size=16), images=128, rounds=1, workers=2, concurrency=[1, 2])
+    figures = run_benchmark(plan, data, quick=True)
+    names = [r["name"] for r in figures["results"]]
+    assert names == ["reference (2 workers)", "engine", "engine, 1 concurrent trial", "engine, 2 concurrent trials"]
+    results = {r["name"]: r for r in figures["results"]}
+    assert results["reference (2 workers)"]["ratio_to_reference"] == 1.0
+    assert results["engine, 2 concurrent trials"]["images"] == 256 and results["engine, 2 concurrent trials"]["trials"] == 2
+    for r in figures["results"]:
+        assert r["images_per_second"] > 0 and r["epoch_seconds"] == pytest.approx(50_000 / r["images_per_second"])
+    assert figures["floor"]["images_per_second"] > 0 and figures["matrix_rate"]["dtype"] == "float32"
+    assert {"device", "torch", "batch_size", "commit", "date"} <= set(figures) and figures["batch_size"] == 16
+    json.dumps(figures)  # everything is plain JSON
+
+
+def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", per_class={"train": 24, "test": 4})
+    main(["--quick", "--data", str(folder), "--images", "48", "--batch-size", "8", "--rounds", "1", "--out", str(tmp_path / "out")])
+    table = capsys.readouterr().out
+    assert "reference (2 workers)" in table and "floor" in table and "48 images timed per pass" in table
+    (written,) = (tmp_path / "out").glob("*-quick.json")
+    figures = json.loads(written.read_text())
+    assert figures["batch_size"] == 8 and figures["images_per_pass"] == 48 and figures["command"].startswith("python -m tune_cnn.bench")
+
+
+@pytest.mark.parametrize(
+    "arguments, words",
+    [
+        (["--images", "5000"], "--images 5000 is out of range"),
+        (["--concurrency", "0"], "--concurrency 0 is not allowed"),
+        (["--set", "lr=-1"], "lr -1.0 is out of range"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, arguments, words):
+    folder = make_image_folder(tmp_path / "images")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(folder), "--out", str(tmp_path / "out"), *arguments])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(error) == 1 and words in error[0]
+    assert not (tmp_path / "out").exists()
