@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_image_folder, synthetic_splits
-from tune_cnn.bench import Plan, TutorialDataset, main, reference_epoch, reference_loader, reference_model, run_benchmark
+from tune_cnn.bench import Plan, TutorialDataset, compare_accuracy, main, reference_model, run_benchmark, time_seed_trials
 from tune_cnn.data import load_data
-from tune_cnn.train import TrainConfig, build_engine, evaluate
+from tune_cnn.train import TrainConfig, build_engine
 
 
 def test_engine_computes_the_reference_loss_and_gradients_on_the_same_batch(small_data):
@@ -34,19 +34,8 @@ def test_engine_computes_the_reference_loss_and_gradients_on_the_same_batch(smal
 
 def test_engine_trains_to_the_reference_accuracy_on_real_cifar10(cifar_archive):
     """Three seeds each, 3 epochs on 2,000 images: the mean validation accuracies agree within noise."""
-    data = load_data(cifar_archive, subset=2000)
-    accuracies = {"reference": [], "engine": []}
-    for seed in (0, 1, 2):
-        config = TrainConfig(seed=seed)
-        model, optimizer = reference_model(config, data.shape)
-        loader = reference_loader(data.train, data, config.batch_size, workers=0, seed=seed)
-        engine = build_engine(config, data.shape, data.mean, data.std)
-        train_split, val_split = engine.put(data.train), engine.put(data.val)
-        for _ in range(3):
-            reference_epoch(model, optimizer, loader)
-            engine.train_epoch(train_split)
-        accuracies["reference"].append(evaluate(model, val_split, 256)[1])
-        accuracies["engine"].append(engine.evaluate(val_split)[1])
+    figures = compare_accuracy(TrainConfig(), load_data(cifar_archive, subset=2000), epochs=3, seeds=(0, 1, 2))
+    accuracies = {name: figures[name]["val_acc"] for name in ("reference", "engine")}
     means = {k: statistics.mean(v) for k, v in accuracies.items()}
     assert min(means.values()) > 0.3, accuracies  # both learn
     spread = max(statistics.stdev(v) for v in accuracies.values())
@@ -79,12 +68,20 @@ def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert figures["batch_size"] == 8 and figures["images_per_pass"] == 48 and figures["command"].startswith("python -m tune_cnn.bench")
 
 
+def test_seed_space_trials_run_as_plain_processes(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    figures = time_seed_trials(str(folder), at_once=3, overrides={"epochs": 1})
+    assert figures["trials"] == 6 and figures["at_once"] == 3 and figures["epochs"] == 1 and figures["batch_size"] == 32
+    assert len(figures["val_acc"]) == 6 and all(0 <= a <= 1 for a in figures["val_acc"]) and figures["seconds"] > 0
+
+
 @pytest.mark.parametrize(
     "arguments, words",
     [
         (["--images", "5000"], "--images 5000 is out of range"),
         (["--concurrency", "0"], "--concurrency 0 is not allowed"),
         (["--set", "lr=-1"], "lr -1.0 is out of range"),
+        (["--accuracy-seeds", "0"], "--accuracy-seeds 0 is out of range"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, arguments, words):

@@ -8,7 +8,8 @@ DataLoader with worker processes, one model step per batch, the loss read back e
 engine (tune_cnn.train's own train_epoch), on CUDA also (b') the engine with torch.compile's CUDA graphs,
 and (c) N concurrent engine trials in N processes. Reference and engine alternate round by round, so a
 busy machine slows both alike. It measures the device's matrix rate and prints the floor: the model's
-training FLOPs per image over that rate. With a GPU and Ray it also times the whole `seed` sweep.
+training FLOPs per image over that rate. On a GPU it also times the `seed` space's six trials as plain
+processes, and with Ray there the whole `seed` sweep.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,9 @@ from torchvision import transforms
 from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
 from tune_cnn.errors import ConfigError, exit_on_user_error
 from tune_cnn.models import InputShape, build_model, training_flops_per_image
-from tune_cnn.train import TrainConfig, build_engine, keep_freed_memory, make_optimizer, parse_settings, resolve_device
+from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
+from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, keep_freed_memory, make_optimizer, parse_settings,
+                            resolve_device, train)
 
 EPOCH_IMAGES = 50_000  # the "seconds per epoch" column is for a 50,000-image epoch, as the issue states targets
 WARMUP_BATCHES = 10  # untimed steps before timing: first-call allocations, cuDNN/oneDNN choices, compilation
@@ -140,6 +144,26 @@ def reference_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         optimizer.step()
         running_loss += loss.item()
     return running_loss / len(loader)
+
+
+def compare_accuracy(config: TrainConfig, data: DataSplits, epochs: int, seeds: Sequence[int], workers: int = 0) -> dict[str, Any]:
+    """Train the reference loop and the engine from the same initialisation, `epochs` each, once per seed;
+    both are scored by the same evaluation. Returns each one's validation and test accuracies per seed."""
+    scores: dict[str, dict[str, list[float]]] = {name: {"val_acc": [], "test_acc": []} for name in ("reference", "engine")}
+    for seed in seeds:
+        seeded = dataclasses.replace(config, seed=seed)
+        model, optimizer = reference_model(seeded, data.shape)
+        loader = reference_loader(data.train, data, seeded.batch_size, workers, seed)
+        engine = build_engine(seeded, data.shape, data.mean, data.std)
+        splits = {name: engine.put(getattr(data, name)) for name in ("train", "val", "test")}
+        for _ in range(epochs):
+            reference_epoch(model, optimizer, loader)
+            engine.train_epoch(splits["train"])
+        for split in ("val", "test"):
+            scores["reference"][f"{split}_acc"].append(evaluate(model, splits[split], eval_batch_size(seeded, engine.device))[1])
+            scores["engine"][f"{split}_acc"].append(engine.evaluate(splits[split])[1])
+    difference = statistics.mean(scores["engine"]["test_acc"]) - statistics.mean(scores["reference"]["test_acc"])
+    return {"epochs": epochs, "seeds": list(seeds), "train_images": len(data.train), **scores, "test_acc_difference_points": 100 * difference}
 
 
 # --- Timing ------------------------------------------------------------------------------------------------
@@ -321,10 +345,31 @@ def time_seed_sweep(source: str, folder: Path) -> dict[str, Any]:
             "output_tail": (run.stdout + run.stderr)[-2000:]}
 
 
-def sweep_wanted(choice: str, device: torch.device) -> bool:
-    if choice == "auto":
-        return device.type == "cuda" and importlib.util.find_spec("ray") is not None
-    return choice == "yes"
+def time_seed_trials(source: str, at_once: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The seed space's trials as plain processes, `at_once` at a time, without Ray: the engine's share of
+    the whole-sweep figure where Ray is missing (it is, on the lent GPU machines).
+
+    Each trial is tune_cnn.train.train() as the sweep runs it (every epoch evaluated, checkpoints written);
+    the clock runs from the first process's start to the last trial's end.
+    """
+    space = load_space("seed")
+    trials = [TrainConfig.from_flat({**t, **(overrides or {})}).flat() for t in space.grid_trials()]
+    context = mp.get_context("spawn")
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=at_once, mp_context=context) as pool:
+        accuracies = list(pool.map(seed_trial, [source] * len(trials), [space.seed] * len(trials), [at_once] * len(trials), trials))
+    return {"trials": len(trials), "at_once": at_once, "epochs": trials[0]["epochs"], "batch_size": trials[0]["batch_size"],
+            "seconds": time.perf_counter() - start, "val_acc": accuracies}
+
+
+def seed_trial(source: str, split_seed: int, at_once: int, settings: dict[str, Any]) -> float:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // at_once))
+    data = load_data(source, seed=split_seed)
+    return train(TrainConfig.from_flat(settings), data, report=lambda metrics, checkpoint: None)[-1]["val_acc"]
+
+
+def wanted(choice: str, when_auto: bool) -> bool:
+    return when_auto if choice == "auto" else choice == "yes"
 
 
 # --- Putting it together -----------------------------------------------------------------------------------
@@ -378,6 +423,15 @@ def format_table(figures: dict[str, Any]) -> str:
         f"({floor_['flops_per_image'] / 1e6:.1f} MFLOP per training image at {rate['flops_per_second'] / 1e12:.2f} TFLOP/s "
         f"measured, {rate['dtype']} {rate['size']}x{rate['size']} matrix product)"
     )
+    if figures.get("accuracy"):
+        a = figures["accuracy"]
+        mean = lambda name: 100 * statistics.mean(a[name]["test_acc"])  # noqa: E731
+        lines.append(f"test accuracy after {a['epochs']} epochs on {a['train_images']:,} images, mean of {len(a['seeds'])} seeds: "
+                     f"reference {mean('reference'):.2f}%, engine {mean('engine'):.2f}% ({a['test_acc_difference_points']:+.2f} points)")
+    if figures.get("seed_trials_without_ray"):
+        t = figures["seed_trials_without_ray"]
+        lines.append(f"seed space without Ray ({t['trials']} trials x {t['epochs']} epochs, {t['at_once']} at a time, "
+                     f"plain processes): {t['seconds']:.1f} s wall clock")
     if figures.get("sweep"):
         s = figures["sweep"]
         lines.append(f"seed sweep (6 trials x 30 epochs): {s['seconds']:.1f} s wall clock, exit {s['returncode']}: {s['command']}")
@@ -425,7 +479,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="*", default=None,
                         help="numbers of concurrent engine trials to time (default 1 2 4 8 on a GPU, none on the CPU)")
     parser.add_argument("--sweep", choices=("auto", "yes", "no"), default="auto",
-                        help="time the whole seed sweep (auto: when a GPU and Ray are there)")
+                        help="time the whole seed sweep through Ray, command to analysis (auto: when a GPU and Ray are there)")
+    parser.add_argument("--seed-trials", choices=("auto", "yes", "no"), default="auto",
+                        help="time the seed space's 6 trials as plain processes, without Ray (auto: on a GPU)")
+    parser.add_argument("--accuracy-epochs", type=int, default=0,
+                        help="also train the reference loop and the engine this many epochs per seed and compare accuracy")
+    parser.add_argument("--accuracy-seeds", type=int, default=3, help="seeds for --accuracy-epochs (default 3)")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="training settings, as for tune_cnn.train")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON figures")
     return parser.parse_args(argv)
@@ -435,8 +494,9 @@ def make_plan(args: argparse.Namespace, data: DataSplits) -> Plan:
     settings = {"batch_size": 32, **parse_settings(args.set)}
     config = TrainConfig.from_flat({**settings, **({"batch_size": args.batch_size} if args.batch_size else {})})
     rounds = args.rounds or (2 if args.quick else 3)
-    if rounds < 1 or args.workers < 0:
-        raise ConfigError(f"--rounds {rounds} / --workers {args.workers} out of range; use --rounds >= 1 and --workers >= 0")
+    if rounds < 1 or args.workers < 0 or args.accuracy_epochs < 0 or args.accuracy_seeds < 1:
+        raise ConfigError(f"--rounds {rounds}, --workers {args.workers}, --accuracy-epochs {args.accuracy_epochs} or --accuracy-seeds "
+                          f"{args.accuracy_seeds} is out of range; use --rounds >= 1, --workers >= 0, --accuracy-epochs >= 0, --accuracy-seeds >= 1")
     on_gpu = resolve_device(config.device).type == "cuda"
     concurrency = args.concurrency if args.concurrency is not None else ([1, 2, 4, 8] if on_gpu else [])
     if any(n < 1 for n in concurrency):
@@ -454,7 +514,12 @@ def main(argv: list[str] | None = None) -> None:
     plan = make_plan(args, data)
     print(f"{data.describe()}; timing {plan.images:,} images per pass ...", flush=True)
     figures = run_benchmark(plan, data, args.quick)
-    if sweep_wanted(args.sweep, resolve_device(plan.config.device)):
+    if args.accuracy_epochs:
+        figures["accuracy"] = compare_accuracy(plan.config, data, args.accuracy_epochs, range(args.accuracy_seeds))
+    on_gpu = resolve_device(plan.config.device).type == "cuda"
+    if wanted(args.seed_trials, on_gpu):
+        figures["seed_trials_without_ray"] = time_seed_trials(data.source, round(1 / AUTO_GPU_PER_TRIAL))
+    if wanted(args.sweep, on_gpu and importlib.util.find_spec("ray") is not None):
         with tempfile.TemporaryDirectory(prefix="tune_cnn_bench_sweep_") as folder:
             figures["sweep"] = time_seed_sweep(data.source, Path(folder))
     figures["command"] = "python -m tune_cnn.bench " + " ".join(argv if argv is not None else sys.argv[1:])
