@@ -277,6 +277,8 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     device = resolve_device(config.device)
     if device.type == "cpu":
         keep_freed_memory()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # two batch shapes per run: autotune each convolution once (unmeasured)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator(device=device).manual_seed(config.seed)
     model = build_model(config.model, shape).to(device, memory_format=torch.channels_last)
