@@ -225,7 +225,8 @@ def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> list[Timi
     }
     variants = [config] + ([dataclasses.replace(config, compile=True)] if device.type == "cuda" and not config.compile else [])
     for variant in variants:
-        runs["engine, compiled (CUDA graphs)" if variant.compile else "engine"] = engine_runner(variant, data, sample, warmup)
+        compiled_name = "engine, compiled (CUDA graphs)" if device.type == "cuda" else "engine, compiled"
+        runs[compiled_name if variant.compile else "engine"] = engine_runner(variant, data, sample, warmup)
     timings = {name: Timing(name, len(sample), [], warmup_seconds=timed(run, device)) for name, run in runs.items()}
     for _ in range(plan.rounds):
         for name, run in runs.items():
