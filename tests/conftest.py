@@ -1,8 +1,17 @@
-"""Shared fixtures: generated image folders, small in-memory data sets and the shared CIFAR-10 copy."""
+"""Shared fixtures and helpers: generated image folders, small in-memory data sets, the shared CIFAR-10 copy,
+and sweep commands run as their own process group and watched through the state Ray saves to storage."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +20,15 @@ from PIL import Image
 from tune_cnn.data import Arrays, DataSplits, channel_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 240  # for a condition that takes seconds when the machine is free: other test runs may share its two cores
+SWEEP_ENV = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray saves the experiment state every second, not every 10+
 SHARED_CIFAR = Path(os.environ.get("TUNE_CNN_TEST_CIFAR", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+
+
+@pytest.fixture
+def decode_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded data sets go to the test session's temporary folder, not the user's cache."""
+    monkeypatch.setenv("TUNE_CNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +100,113 @@ def synthetic_splits(train: int = 600, val: int = 200, test: int = 200, classes:
 @pytest.fixture(scope="session")
 def small_data() -> DataSplits:
     return synthetic_splits()
+
+
+def write_space(folder: Path, text: str, name: str = "space.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def sweep_args(tmp_path: Path, images: Path, space: str, *options: str) -> tuple[list[str], Path]:
+    """The sweep command's arguments for a space (YAML text) on `images`, and the experiment folder it fills."""
+    storage = tmp_path / "results"
+    return [str(write_space(tmp_path, space)), "--data", str(images), "--storage", str(storage), *options], storage / "space"
+
+
+SavedTrial = dict[str, Any]  # a trial as the saved experiment state describes it
+
+
+class Sweep:
+    """A sweep command running in its own process group, so a test can kill the driver and what it started."""
+
+    def __init__(self, *args: str):
+        self.log = open(Path(args[args.index("--storage") + 1]).parent / f"sweep-{time.monotonic_ns()}.log", "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tune_cnn.sweep", *args], env={**os.environ, **SWEEP_ENV},
+            stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def finish(self, timeout: float = WAIT_S) -> tuple[int, str]:
+        """Exit code and output, once the driver is done."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            self.kill_all(signal.SIGKILL)
+        self.log.seek(0)
+        return code, self.log.read()
+
+    def kill_all(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def saved_trials(experiment: Path) -> list[SavedTrial]:
+    """Status, folder and last result of each trial in the experiment state Ray last saved to storage."""
+    try:
+        state = json.loads(next(experiment.glob("experiment_state-*.json")).read_text())
+    except (StopIteration, FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+        return []
+    trials = []
+    for meta, run in state["trial_data"]:
+        meta, run = (json.loads(part) if isinstance(part, str) else part for part in (meta, run))
+        trials.append({"status": meta["status"], "folder": meta["relative_logdir"], "last": run.get("last_result") or {}})
+    return trials
+
+
+def wait_for(condition: Callable[[], Any], sweep_run: Sweep | None = None, timeout: float = WAIT_S) -> Any:
+    """Poll until `condition()` is truthy and return it; fail if the sweep ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if sweep_run is not None and not sweep_run.running():
+            pytest.fail("the sweep ended before the fault could be injected:\n" + sweep_run.finish()[1][-3000:])
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {condition.__doc__ or condition}")
+
+
+def epochs_per_trial(df) -> list[list[int]]:
+    """The epochs each trial of an analysis DataFrame reported, in order."""
+    return [list(group["epoch"]) for _, group in df.groupby("trial_id")]
+
+
+def reports(experiment: Path, folder: str) -> list[dict]:
+    """A trial folder's reported results, in order."""
+    lines = (experiment / folder / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def kill_driver_then_resume(args: list[str], experiment: Path, checkpoints: int) -> None:
+    """Start a sweep; once one trial has finished and a running one has saved `checkpoints` epochs, SIGKILL the
+    driver and every Ray process it started; then run the same command with --resume. Checks that it finishes,
+    that the finished trials did not run again and that the interrupted one continued from a checkpoint."""
+    run = Sweep(*args)
+
+    def one_finished_and_one_checkpointed() -> list[SavedTrial] | None:
+        """a finished trial and a running one with its checkpoints saved"""
+        trials = saved_trials(experiment)
+        running = [t for t in trials if t["status"] == "RUNNING" and t["last"].get("epoch", 0) >= checkpoints]
+        return trials if running and any(t["status"] == "TERMINATED" for t in trials) else None
+
+    before = wait_for(one_finished_and_one_checkpointed, run)
+    run.kill_all(signal.SIGKILL)  # no chance to save anything
+    run.finish()
+    finished = {t["folder"]: (experiment / t["folder"] / "result.json").read_text() for t in before if t["status"] == "TERMINATED"}
+    interrupted = next(t for t in before if t["status"] == "RUNNING")
+
+    code, output = Sweep(*args, "--resume").finish()
+    assert code == 0, output[-3000:]
+    for folder, text in finished.items():
+        assert (experiment / folder / "result.json").read_text() == text, f"{folder} ran again"
+    continued = reports(experiment, interrupted["folder"])
+    first_after_resume = next(r["epoch"] for r in continued if r["pid"] != interrupted["last"]["pid"])
+    # Ray resumes from the checkpoint its saved state records, which may trail the last result by an epoch.
+    assert first_after_resume > 1, "the interrupted trial started again from scratch"

@@ -30,6 +30,7 @@ from tune_cnn.errors import ConfigError
 from tune_cnn.space import TOP_KEYS, load_space
 from tune_cnn.train import SETTINGS, TrainConfig
 
+pytestmark = pytest.mark.usefixtures("decode_cache")
 TINY_SPACE = "fixed: {epochs: 1, padding: same}\nspace: {pooling: [max]}\n"
 COMMAND_TIMEOUT_S = 120  # a hang (e.g. on an unreachable cluster) fails the test instead of the suite
 
@@ -37,11 +38,6 @@ COMMAND_TIMEOUT_S = 120  # a hang (e.g. on an unreachable cluster) fails the tes
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "images")
-
-
-@pytest.fixture(autouse=True)
-def decode_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TUNE_CNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 # --- Building the bad inputs ----------------------------------------------------------------------------

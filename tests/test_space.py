@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from conftest import write_space
 from tune_cnn.errors import ConfigError
 from tune_cnn.models import InputShape
 from tune_cnn.space import SPACES_DIR, Distribution, Resources, load_space, space_names
 
 CIFAR_SHAPE = InputShape(3, 32, 32, 10)
-
-
-def write_space(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def test_shipped_spaces_are_all_there_and_valid_on_cifar():

@@ -6,30 +6,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
-from tune_cnn import sweep
+from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
+from tune_cnn import analysis, sweep
 from tune_cnn.space import load_space
 
+pytestmark = pytest.mark.usefixtures("decode_cache")
 QUICK_TRIALS = 4
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "images", per_class={"train": 40, "test": 10}, size=(20, 20))
-
-
-@pytest.fixture(autouse=True)
-def decode_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TUNE_CNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +35,6 @@ def ray_session():
     ray.shutdown()
 
 
-def write_space(folder: Path, text: str, name: str = "space.yaml") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tune_cnn.sweep", *args], capture_output=True, text=True, timeout=timeout,
@@ -58,11 +44,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 def trial_results(experiment: Path) -> dict[str, list[dict]]:
     """Each trial folder's reported results, in order."""
-    results = {}
-    for folder in sorted(p for p in experiment.iterdir() if (p / "result.json").exists()):
-        lines = (folder / "result.json").read_text().splitlines()
-        results[folder.name] = [json.loads(line) for line in lines if line.strip()]
-    return results
+    folders = sorted(p.name for p in experiment.iterdir() if (p / "result.json").exists())
+    return {folder: reports(experiment, folder) for folder in folders}
 
 
 def test_trial_seed_depends_on_sweep_seed_and_settings_only():
@@ -201,50 +184,13 @@ def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Pat
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):
-    space = write_space(tmp_path, """
-        resources: {cpu: 1}
-        fixed: {epochs: 3, checkpoint_every: 1, padding: same}
-        space: {pooling: [max, avg], conv_width: [3, 5]}
-    """)
-    storage = tmp_path / "results"
-    experiment = storage / "space"
-    args = [str(space), "--data", str(images), "--storage", str(storage), "--max-concurrent", "1"]
-    # Save the experiment state every second (Ray's default is every 10 s or more) so the kill lands after a save.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "tune_cnn.sweep", *args], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        finished = wait_for_finished_trials(experiment, driver, timeout=180)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        driver.wait()
-    before = {name: (experiment / name / "result.json").read_text() for name in finished}
-    assert 0 < len(finished) < QUICK_TRIALS, "the sweep ended before it could be killed"
-
-    done = run_cli(*args, "--resume", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = trial_results(experiment)
-    assert len(results) == QUICK_TRIALS
-    assert all(history[-1]["epoch"] == 3 for history in results.values())
-    for name, text in before.items():
-        assert (experiment / name / "result.json").read_text() == text, f"{name} ran again"
-
-
-def wait_for_finished_trials(experiment: Path, driver: subprocess.Popen, timeout: float) -> list[str]:
-    """Folders of the trials that the experiment state saved on disk already calls TERMINATED."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and driver.poll() is None:
-        finished = saved_trial_folders(experiment, "TERMINATED")
-        if finished:
-            return finished
-        time.sleep(0.1)
-    return []
-
-
-def saved_trial_folders(experiment: Path, status: str) -> list[str]:
-    try:
-        state = json.loads(next(experiment.glob("experiment_state-*.json")).read_text())
-    except (StopIteration, FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
-        return []
-    trials = [json.loads(trial) if isinstance(trial, str) else trial for trial, _ in state["trial_data"]]
-    return [t["relative_logdir"] for t in trials if t["status"] == status]
+    epochs = 20  # with batch 2, a trial lasts a few seconds: long enough to be caught mid-run
+    args, experiment = sweep_args(tmp_path, images, f"""
+        resources: {{cpu: 1}}
+        fixed: {{epochs: {epochs}, checkpoint_every: 1, padding: same, batch_size: 2}}
+        space: {{pooling: [max, avg], conv_width: [3, 5]}}
+    """, "--max-concurrent", "1")
+    kill_driver_then_resume(args, experiment, checkpoints=2)
+    df = analysis.load(experiment)
+    assert set(df["status"]) == {"finished"}
+    assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * QUICK_TRIALS

@@ -22,12 +22,12 @@ from typing import Any
 
 import yaml
 
+from tune_cnn.analysis import METADATA_FILE, write_analysis
 from tune_cnn.data import DataSplits, load_data
 from tune_cnn.errors import ConfigError, StorageError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 from tune_cnn.train import TrainConfig, load_checkpoint, train
 
-METADATA_FILE = "tune_cnn.json"
 PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
 BEST_ROWS = 5
 MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
@@ -375,7 +375,6 @@ def make_trainable(space: SearchSpace, data: DataSplits, resources: dict[str, fl
 
 
 def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, resources: dict[str, float], max_concurrent: int | None):
-    from ray import tune
     from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig, TuneConfig, Tuner
 
     scheduler = None
@@ -478,11 +477,6 @@ def print_best(results, space: SearchSpace) -> None:
 
 
 def print_analysis(experiment: Experiment) -> None:
-    try:
-        from tune_cnn.analysis import write_analysis
-    except ImportError:  # the analysis module lands in its own issue
-        print(f"results: {experiment.path} (load them with ray.tune.ExperimentAnalysis)")
-        return
     try:
         print(f"analysis: {write_analysis(experiment.path)}")
     except TuneCnnError as error:  # e.g. every trial errored: the sweep's own outcome still stands
