@@ -1,4 +1,5 @@
 """The engine against the tutorials' reference loop (same function, same accuracy), and the benchmark's output."""
+import dataclasses
 import json
 import statistics
 
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_image_folder, synthetic_splits
-from tune_cnn.bench import Plan, TutorialDataset, compare_accuracy, main, reference_model, run_benchmark, time_seed_trials
+from tune_cnn import bench
+from tune_cnn.bench import Plan, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark, time_seed_trials
 from tune_cnn.data import load_data
 from tune_cnn.train import TrainConfig, build_engine
 
@@ -56,6 +58,18 @@ def test_benchmark_times_every_pipeline_and_writes_well_formed_figures(tmp_path)
     assert figures["floor"]["images_per_second"] > 0 and figures["matrix_rate"]["dtype"] == "float32"
     assert {"device", "torch", "batch_size", "commit", "date"} <= set(figures) and figures["batch_size"] == 16
     json.dumps(figures)  # everything is plain JSON
+
+
+def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
+    def with_a_broken_variant(config, device):  # cuda_graph on a CPU fails as a missing GPU feature would
+        return {"engine": config, "engine, broken": dataclasses.replace(config, cuda_graph=True)}
+
+    monkeypatch.setattr(bench, "engine_variants", with_a_broken_variant)
+    plan = Plan(TrainConfig(batch_size=16), images=64, rounds=1, workers=0)
+    figures = run_benchmark(plan, synthetic_splits(train=200, val=20, test=20), quick=True)
+    assert [r["name"] for r in figures["results"]] == ["reference (0 workers)", "engine"]
+    assert figures["failed"] == {"engine, broken": "ConfigError: cuda_graph needs a CUDA device, and this trial runs on 'cpu'; set cuda_graph false"}
+    assert "engine, broken" in format_table(figures) and "failed: ConfigError" in format_table(figures)
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from tune_cnn.data import load_data
 from tune_cnn.errors import ConfigError
-from tune_cnn.train import CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, load_checkpoint, train
+from tune_cnn.train import CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, build_engine, load_checkpoint, train
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
 
@@ -68,12 +68,58 @@ def test_augmentation_moves_pixels_within_the_padding_and_flips():
         ({"batch_norm": "yes"}, "batch_norm 'yes' has the wrong type; expected bool"),
         ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not allowed; use one of: adam, sgd"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate; allowed:"),
+        ({"compile": True, "cuda_graph": True}, "set one of them, not both"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(settings, words):
     with pytest.raises(ConfigError) as error:
         TrainConfig.from_flat(settings)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cuda_graph_on_a_cpu_is_one_clear_error(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="cuda_graph needs a CUDA device"):
+        train(TrainConfig.from_flat({"cuda_graph": True, "device": "cpu"}), small_data, quiet(tmp_path))
+
+
+# --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05, "augment": "crop_flip"}])
+def test_cuda_graph_trains_like_the_eager_engine(small_data, tmp_path, settings):
+    """600 images in batches of 64: nine full batches (three eager warm-ups, then capture and replays) and a
+    short last batch that runs eagerly, every epoch. fp32, so only kernel choices differ between the two."""
+    base = {"epochs": 3, "batch_size": 64, "device": "cuda", "precision": "fp32", **settings}
+    eager = train(TrainConfig.from_flat(base), small_data, quiet(tmp_path / "eager"))
+    graphed = train(TrainConfig.from_flat({**base, "cuda_graph": True}), small_data, quiet(tmp_path / "graph"))
+    for a, b in zip(eager, graphed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
+        assert abs(a["train_acc"] - b["train_acc"]) <= 0.02 and abs(a["val_acc"] - b["val_acc"]) <= 0.03
+    assert graphed[-1]["val_acc"] > 0.9
+
+
+@cuda
+def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data):
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "dropout": 0.3})
+    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+    data = engine.put(small_data.train)
+    losses = [engine.train_epoch(data)[0] for _ in range(4)]
+    assert engine.graph.eager_steps == 3 and engine.graph.replays == 4 * 9 - 3
+    assert losses[-1] < losses[0] / 2  # bf16 with dropout in the graph still learns
+
+
+@cuda
+def test_cuda_graph_resumes_from_a_checkpoint(small_data, tmp_path):
+    config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 64, "device": "cuda", "precision": "fp32",
+                                    "cuda_graph": True, "batch_norm": True})
+    straight = train(config, small_data, quiet(tmp_path / "straight"))
+    resumed = train(config, small_data, quiet(tmp_path / "resumed"), resume=load_checkpoint(tmp_path / "straight" / "epoch_002"))
+    assert [m["epoch"] for m in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2) and abs(a["val_acc"] - b["val_acc"]) <= 0.03
 
 
 def test_flat_round_trips():

@@ -213,27 +213,43 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> list[Timing]:
-    """Reference, engine (and on CUDA the compiled engine), alternating pass by pass after untimed warm-ups."""
+def engine_variants(config: TrainConfig, device: torch.device) -> dict[str, TrainConfig]:
+    """On CUDA every way the engine can cut per-step overhead, each timed; elsewhere the engine as configured."""
+    if device.type != "cuda":
+        return {"engine, compiled" if config.compile else "engine": config}
+    return {
+        "engine, eager": dataclasses.replace(config, compile=False, cuda_graph=False),
+        "engine, torch.compile (CUDA graphs)": dataclasses.replace(config, compile=True, cuda_graph=False),
+        "engine, whole-step CUDA graph": dataclasses.replace(config, compile=False, cuda_graph=True),
+    }
+
+
+def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> tuple[list[Timing], dict[str, str]]:
+    """Reference and engine variants, alternating pass by pass after untimed warm-ups. An engine variant that
+    fails to build or warm up (a GPU or torch version without some feature) is left out, its error returned."""
     config, device = plan.config, resolve_device(plan.config.device)
     if device.type == "cpu":
         keep_freed_memory()  # before either pipeline allocates: the reference gets the engine's allocator settings
     warmup = sample.take(np.arange(plan.warmup_images))
     model, optimizer = reference_model(config, data.shape)
-    runs: dict[str, Callable[[], object]] = {
-        f"reference ({plan.workers} workers)": reference_runner(model, optimizer, sample, warmup, data, plan),
-    }
-    variants = [config] + ([dataclasses.replace(config, compile=True)] if device.type == "cuda" and not config.compile else [])
-    for variant in variants:
-        compiled_name = "engine, compiled (CUDA graphs)" if device.type == "cuda" else "engine, compiled"
-        runs[compiled_name if variant.compile else "engine"] = engine_runner(variant, data, sample, warmup)
-    timings = {name: Timing(name, len(sample), [], warmup_seconds=timed(run, device)) for name, run in runs.items()}
+    reference = f"reference ({plan.workers} workers)"
+    runs = {reference: reference_runner(model, optimizer, sample, warmup, data, plan)}
+    timings = {reference: Timing(reference, len(sample), [], warmup_seconds=timed(runs[reference], device))}
+    failures = {}
+    for name, variant in engine_variants(config, device).items():
+        try:
+            runs[name] = engine_runner(variant, data, sample, warmup)
+            timings[name] = Timing(name, len(sample), [], warmup_seconds=timed(runs[name], device))
+        except Exception as error:  # noqa: BLE001 - reported with the figures
+            runs.pop(name, None)
+            failures[name] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            print(f"{name}: failed, left out: {failures[name]}", flush=True)
     for _ in range(plan.rounds):
         for name, run in runs.items():
             with OtherLoad() as load:
                 timings[name].seconds.append(timed(run, device))
             timings[name].others_cores.append(load.cores)
-    return list(timings.values())
+    return list(timings.values()), failures
 
 
 def reference_runner(model, optimizer, sample: Arrays, warmup: Arrays, data: DataSplits, plan: Plan) -> Callable[[], object]:
@@ -283,7 +299,8 @@ def time_concurrent(plan: Plan, data: DataSplits, sample: Arrays, trials: int, f
     if failures:
         raise RuntimeError(f"a concurrent trial failed: {failures[0]}")
     warmup = max(o[1] for o in outcomes)
-    return Timing(f"engine, {trials} concurrent trial{'s' * (trials > 1)}", trials * len(sample), [seconds], trials, warmup)
+    mode = ", CUDA graph" if plan.config.cuda_graph else ", compiled" if plan.config.compile else ""
+    return Timing(f"engine{mode}, {trials} concurrent trial{'s' * (trials > 1)}", trials * len(sample), [seconds], trials, warmup)
 
 
 def concurrent_trial(rank: int, settings: dict, shape: InputShape, mean, std, sample_file: str, warmup_images: int,
@@ -381,7 +398,7 @@ def run_benchmark(plan: Plan, data: DataSplits, quick: bool = False) -> dict[str
     device = resolve_device(plan.config.device)
     sample = data.train.take(stratified_subset(data.train.y, plan.images, plan.config.seed))
     load_before = load_average()
-    timings = time_side_by_side(plan, data, sample)
+    timings, failures = time_side_by_side(plan, data, sample)
     with tempfile.TemporaryDirectory(prefix="tune_cnn_bench_") as folder:
         timings += [time_concurrent(plan, data, sample, trials, Path(folder)) for trials in plan.concurrency]
     rate = matrix_rate(device, quick)
@@ -402,6 +419,7 @@ def run_benchmark(plan: Plan, data: DataSplits, quick: bool = False) -> dict[str
         "matrix_rate": rate,
         "floor": floor(plan.config, data.shape, rate["flops_per_second"]),
         "results": [t.as_dict(timings[0]) for t in timings],
+        "failed": failures,
     }
 
 
@@ -411,16 +429,17 @@ def format_table(figures: dict[str, Any]) -> str:
         f"{figures['device']}, torch {figures['torch']}, {figures['cpu_threads']} CPU threads; model {figures['config']['model']}, "
         f"batch {figures['batch_size']}; {figures['images_per_pass']:,} images timed per pass, median of {figures['passes']} "
         f"pass(es), after {figures['warmup_images']:,} untimed warm-up images; load average {figures['load_average']['before']}",
-        f"{'pipeline':<34}{'trials':>7}{'images/s':>11}{'s / 50k epoch':>15}{'x reference':>13}{'warm-up s':>11}{'other load':>12}",
+        f"{'pipeline':<38}{'trials':>7}{'images/s':>11}{'s / 50k epoch':>15}{'x reference':>13}{'warm-up s':>11}{'other load':>12}",
     ]
     for r in figures["results"]:
         ratio = f"{r['ratio_to_reference']:.2f}" if r["ratio_to_reference"] is not None else "-"
         others = [c for c in r["others_cores"] if c is not None]
         load = f"{max(others):.2f}" if others else "-"
-        lines.append(f"{r['name']:<34}{r['trials']:>7}{r['images_per_second']:>11,.0f}{r['epoch_seconds']:>15.2f}{ratio:>13}"
+        lines.append(f"{r['name']:<38}{r['trials']:>7}{r['images_per_second']:>11,.0f}{r['epoch_seconds']:>15.2f}{ratio:>13}"
                      f"{r['warmup_seconds']:>11.1f}{load:>12}")
+    lines += [f"{name:<38}  failed: {error}" for name, error in figures.get("failed", {}).items()]
     lines.append(
-        f"{'floor':<34}{'':>7}{floor_['images_per_second']:>11,.0f}{floor_['epoch_seconds']:>15.2f}  "
+        f"{'floor':<38}{'':>7}{floor_['images_per_second']:>11,.0f}{floor_['epoch_seconds']:>15.2f}  "
         f"({floor_['flops_per_image'] / 1e6:.1f} MFLOP per training image at {rate['flops_per_second'] / 1e12:.2f} TFLOP/s "
         f"measured, {rate['dtype']} {rate['size']}x{rate['size']} matrix product)"
     )
@@ -515,20 +534,29 @@ def main(argv: list[str] | None = None) -> None:
     plan = make_plan(args, data)
     print(f"{data.describe()}; timing {plan.images:,} images per pass ...", flush=True)
     figures = run_benchmark(plan, data, args.quick)
+    figures["command"] = "python -m tune_cnn.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = save(figures, args.out, args.quick)  # now and after each later part: a long run cut short keeps what it measured
     if args.accuracy_epochs:
         figures["accuracy"] = compare_accuracy(plan.config, data, args.accuracy_epochs, range(args.accuracy_seeds))
+        save(figures, args.out, args.quick)
     on_gpu = resolve_device(plan.config.device).type == "cuda"
     if wanted(args.seed_trials, on_gpu):
-        figures["seed_trials_without_ray"] = time_seed_trials(data.source, round(1 / AUTO_GPU_PER_TRIAL))
+        print(format_table(figures), flush=True)
+        figures["seed_trials_without_ray"] = time_seed_trials(data.source, round(1 / AUTO_GPU_PER_TRIAL), parse_settings(args.set))
+        save(figures, args.out, args.quick)
     if wanted(args.sweep, on_gpu and importlib.util.find_spec("ray") is not None):
         with tempfile.TemporaryDirectory(prefix="tune_cnn_bench_sweep_") as folder:
             figures["sweep"] = time_seed_sweep(data.source, Path(folder))
-    figures["command"] = "python -m tune_cnn.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        save(figures, args.out, args.quick)
     print(format_table(figures))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = result_path(args.out, figures, args.quick)
-    path.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"figures: {path}")
+
+
+def save(figures: dict[str, Any], folder: Path, quick: bool) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = result_path(folder, figures, quick)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    return path
 
 
 if __name__ == "__main__":
