@@ -19,8 +19,10 @@ nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+tests_rc=${PIPESTATUS[0]}
+echo "gpu.sh: CUDA tests exit $tests_rc after ${SECONDS} s"
 mode=()
-[ "${PIPESTATUS[0]}" = 0 ] && mode=(--set cuda_graph=true)
+[ "$tests_rc" = 0 ] && mode=(--set cuda_graph=true)
 
 timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --concurrency 1 2 4 8 --seed-trials yes "${mode[@]}" \
     --out "$out" 2>&1 | tee "$out/bench.log"
