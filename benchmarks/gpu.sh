@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
 # Every GPU figure in one call on the lent GPU machine (no Ray or Optuna there, no internet):
-#   1. the CUDA tests (whole-step CUDA graph against the eager engine, resume, replay counts);
-#   2. the benchmark: reference, engine eager / torch.compile / whole-step CUDA graph, 1, 2, 4 and 8
-#      concurrent trials and the seed space's six trials as plain processes. Concurrent and seed trials use
-#      the CUDA graph when the tests passed, else the eager engine.
+#   1. the CUDA tests (whole-step CUDA graph against the eager engine, with torch.compile, resume);
+#   2. the benchmark side by side: reference and every engine variant (bench.VARIANTS), into $OUT/side;
+#   3. under CUDA MPS (so that trials in separate processes can run kernels at the same time), 1, 2, 4 and 8
+#      concurrent trials and the seed space's six trials at once, into $OUT/mps. Skipped without MPS.
 # The benchmark writes its JSON after each part, so a run cut short by the time limit keeps what it measured.
 #
 # From the repository root on the machine with the device tool:
 #   mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
-#   device run, carry [".data"], timeout_s 560:  bash benchmarks/gpu.sh
+#   device run, carry [".data"], timeout_s 450:  bash benchmarks/gpu.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-out=${OUT:-benchmarks/results}
+out=${OUT:-benchmarks/results/gpu}
 data=${DATA:-.data/cifar10-jpeg.tar.gz}
-budget_s=${BUDGET_S:-520}
-mkdir -p "$out"
+budget_s=${BUDGET_S:-420}
+mkdir -p "$out/side" "$out/mps"
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
-tests_rc=${PIPESTATUS[0]}
-echo "gpu.sh: CUDA tests exit $tests_rc after ${SECONDS} s"
-mode=()
-[ "$tests_rc" = 0 ] && mode=(--set cuda_graph=true)
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+echo "gpu.sh: CUDA tests exit ${PIPESTATUS[0]} after ${SECONDS} s"
 
-timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --concurrency 1 2 4 8 --seed-trials yes "${mode[@]}" \
-    --out "$out" 2>&1 | tee "$out/bench.log"
+timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --concurrency --seed-trials no --out "$out/side" 2>&1 \
+    | tee "$out/side/bench.log"
+echo "gpu.sh: side by side done after ${SECONDS} s"
+
+if command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    nvidia-cuda-mps-control -d && echo "gpu.sh: MPS started"
+    timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --variants --images 22500 --rounds 1 \
+        --concurrency 1 2 4 8 --seed-trials yes --seed-trials-at-once 6 --out "$out/mps" 2>&1 | tee "$out/mps/bench.log"
+    echo quit | nvidia-cuda-mps-control
+    tail -5 $CUDA_MPS_LOG_DIRECTORY/control.log 2>/dev/null
+else
+    echo "gpu.sh: no nvidia-cuda-mps-control here: no MPS stage"
+fi
 echo "gpu.sh: ${SECONDS} s in all"

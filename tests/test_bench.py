@@ -60,15 +60,16 @@ def test_benchmark_times_every_pipeline_and_writes_well_formed_figures(tmp_path)
     json.dumps(figures)  # everything is plain JSON
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the broken variant asks for a GPU that is missing")
 def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
-    def with_a_broken_variant(config, device):  # cuda_graph on a CPU fails as a missing GPU feature would
-        return {"engine": config, "engine, broken": dataclasses.replace(config, cuda_graph=True)}
+    def with_a_broken_variant(config, device, keys):  # as a GPU or torch without some feature would
+        return {"engine": config, "engine, broken": dataclasses.replace(config, device="cuda")}
 
     monkeypatch.setattr(bench, "engine_variants", with_a_broken_variant)
     plan = Plan(TrainConfig(batch_size=16), images=64, rounds=1, workers=0)
     figures = run_benchmark(plan, synthetic_splits(train=200, val=20, test=20), quick=True)
     assert [r["name"] for r in figures["results"]] == ["reference (0 workers)", "engine"]
-    assert figures["failed"] == {"engine, broken": "ConfigError: cuda_graph needs a CUDA device, and this trial runs on 'cpu'; set cuda_graph false"}
+    assert figures["failed"] == {"engine, broken": "ConfigError: device 'cuda' was asked for but this machine has no CUDA GPU; use device 'auto' or 'cpu'"}
     assert "engine, broken" in format_table(figures) and "failed: ConfigError" in format_table(figures)
 
 
@@ -96,6 +97,9 @@ def test_seed_space_trials_run_as_plain_processes(tmp_path):
         (["--concurrency", "0"], "--concurrency 0 is not allowed"),
         (["--set", "lr=-1"], "lr -1.0 is out of range"),
         (["--accuracy-seeds", "0"], "--accuracy-seeds 0 is out of range"),
+        (["--seed-trials-at-once", "0"], "--seed-trials-at-once 0 is out of range"),
+        pytest.param(["--variants", "graph"], "--variants chooses among CUDA engine variants",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only error")),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, arguments, words):

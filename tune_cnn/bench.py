@@ -5,8 +5,8 @@
 In one process it times (a) the reference pipeline written the way Ray Tune's and PyTorch's CIFAR-10
 tutorials write it (a Dataset that turns each uint8 image into a PIL image, then ToTensor and Normalize, a
 DataLoader with worker processes, one model step per batch, the loss read back every step), (b) tune_cnn's
-engine (tune_cnn.train's own train_epoch), on CUDA also (b') the engine with torch.compile's CUDA graphs,
-and (c) N concurrent engine trials in N processes. Reference and engine alternate round by round, so a
+engine (tune_cnn.train's own train_epoch; on CUDA each of its variants: eager, torch.compile's CUDA graphs,
+the whole-step CUDA graph in bf16 and fp32, and that graph around torch.compile's kernels), and (c) N concurrent engine trials in N processes. Reference and engine alternate round by round, so a
 busy machine slows both alike. It measures the device's matrix rate and prints the floor: the model's
 training FLOPs per image over that rate. On a GPU it also times the `seed` space's six trials as plain
 processes, and with Ray there the whole `seed` sweep.
@@ -90,6 +90,7 @@ class Plan:
     rounds: int
     workers: int
     concurrency: list[int] = field(default_factory=list)
+    variants: list[str] | None = None  # keys of VARIANTS on CUDA; None: all
 
     @property
     def warmup_images(self) -> int:
@@ -213,15 +214,21 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def engine_variants(config: TrainConfig, device: torch.device) -> dict[str, TrainConfig]:
-    """On CUDA every way the engine can cut per-step overhead, each timed; elsewhere the engine as configured."""
+VARIANTS = {  # on CUDA: name in the table -> the settings that make it
+    "eager": ("engine, eager", {"compile": False, "cuda_graph": False}),
+    "compile": ("engine, torch.compile (CUDA graphs)", {"compile": True, "cuda_graph": False}),
+    "graph": ("engine, whole-step CUDA graph", {"compile": False, "cuda_graph": True}),
+    "graph-fp32": ("engine, whole-step CUDA graph, fp32", {"compile": False, "cuda_graph": True, "precision": "fp32"}),
+    "graph-compile": ("engine, CUDA graph + torch.compile", {"compile": True, "cuda_graph": True}),
+}
+
+
+def engine_variants(config: TrainConfig, device: torch.device, keys: Sequence[str] | None = None) -> dict[str, TrainConfig]:
+    """On CUDA the engine's ways to cut per-step overhead (`keys` of VARIANTS, default all), each timed;
+    elsewhere the engine as configured."""
     if device.type != "cuda":
         return {"engine, compiled" if config.compile else "engine": config}
-    return {
-        "engine, eager": dataclasses.replace(config, compile=False, cuda_graph=False),
-        "engine, torch.compile (CUDA graphs)": dataclasses.replace(config, compile=True, cuda_graph=False),
-        "engine, whole-step CUDA graph": dataclasses.replace(config, compile=False, cuda_graph=True),
-    }
+    return {VARIANTS[k][0]: dataclasses.replace(config, **VARIANTS[k][1]) for k in (VARIANTS if keys is None else keys)}
 
 
 def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> tuple[list[Timing], dict[str, str]]:
@@ -236,7 +243,7 @@ def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> tuple[lis
     runs = {reference: reference_runner(model, optimizer, sample, warmup, data, plan)}
     timings = {reference: Timing(reference, len(sample), [], warmup_seconds=timed(runs[reference], device))}
     failures = {}
-    for name, variant in engine_variants(config, device).items():
+    for name, variant in engine_variants(config, device, plan.variants).items():
         try:
             runs[name] = engine_runner(variant, data, sample, warmup)
             timings[name] = Timing(name, len(sample), [], warmup_seconds=timed(runs[name], device))
@@ -299,7 +306,8 @@ def time_concurrent(plan: Plan, data: DataSplits, sample: Arrays, trials: int, f
     if failures:
         raise RuntimeError(f"a concurrent trial failed: {failures[0]}")
     warmup = max(o[1] for o in outcomes)
-    mode = ", CUDA graph" if plan.config.cuda_graph else ", compiled" if plan.config.compile else ""
+    mode = ", CUDA graph" if plan.config.cuda_graph and resolve_device(plan.config.device).type == "cuda" else ""
+    mode += ", compiled" if plan.config.compile else ""
     return Timing(f"engine{mode}, {trials} concurrent trial{'s' * (trials > 1)}", trials * len(sample), [seconds], trials, warmup)
 
 
@@ -415,6 +423,7 @@ def run_benchmark(plan: Plan, data: DataSplits, quick: bool = False) -> dict[str
         "warmup_images": plan.warmup_images,
         "reference_workers": plan.workers,
         "cpu_threads": torch.get_num_threads(),
+        "cuda_mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),  # the gpu.sh stage that starts MPS sets it
         "load_average": {"before": load_before, "after": load_average()},
         "matrix_rate": rate,
         "floor": floor(plan.config, data.shape, rate["flops_per_second"]),
@@ -498,6 +507,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="the reference DataLoader's worker processes (default 2)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=None,
                         help="numbers of concurrent engine trials to time (default 1 2 4 8 on a GPU, none on the CPU)")
+    parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
+                        help="on CUDA, the engine variants to time beside the reference (default all; none: the reference only)")
+    parser.add_argument("--seed-trials-at-once", type=int, default=round(1 / AUTO_GPU_PER_TRIAL),
+                        help=f"seed-space trials training at once (default {round(1 / AUTO_GPU_PER_TRIAL)}, what gpu: auto packs)")
     parser.add_argument("--sweep", choices=("auto", "yes", "no"), default="auto",
                         help="time the whole seed sweep through Ray, command to analysis (auto: when a GPU and Ray are there)")
     parser.add_argument("--seed-trials", choices=("auto", "yes", "no"), default="auto",
@@ -519,12 +532,16 @@ def make_plan(args: argparse.Namespace, data: DataSplits) -> Plan:
                           f"{args.accuracy_seeds} is out of range; use --rounds >= 1, --workers >= 0, --accuracy-epochs >= 0, --accuracy-seeds >= 1")
     on_gpu = resolve_device(config.device).type == "cuda"
     concurrency = args.concurrency if args.concurrency is not None else ([1, 2, 4, 8] if on_gpu else [])
+    if args.variants is not None and not on_gpu:
+        raise ConfigError("--variants chooses among CUDA engine variants, and this machine has no CUDA GPU; leave it out")
+    if args.seed_trials_at_once < 1:
+        raise ConfigError(f"--seed-trials-at-once {args.seed_trials_at_once} is out of range; use 1 or more")
     if any(n < 1 for n in concurrency):
         raise ConfigError(f"--concurrency {' '.join(map(str, concurrency))} is not allowed; use counts of trials >= 1, such as 1 2 4 8")
     images = args.images or min(QUICK_IMAGES if args.quick else len(data.train), len(data.train))
     if not config.batch_size <= images <= len(data.train):
         raise ConfigError(f"--images {images} is out of range; use {config.batch_size} (one batch) to {len(data.train)} (the training split)")
-    return Plan(config, images, rounds, args.workers, concurrency)
+    return Plan(config, images, rounds, args.workers, concurrency, args.variants)
 
 
 @exit_on_user_error
@@ -542,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = resolve_device(plan.config.device).type == "cuda"
     if wanted(args.seed_trials, on_gpu):
         print(format_table(figures), flush=True)
-        figures["seed_trials_without_ray"] = time_seed_trials(data.source, round(1 / AUTO_GPU_PER_TRIAL), parse_settings(args.set))
+        figures["seed_trials_without_ray"] = time_seed_trials(data.source, args.seed_trials_at_once, parse_settings(args.set))
         save(figures, args.out, args.quick)
     if wanted(args.sweep, on_gpu and importlib.util.find_spec("ray") is not None):
         with tempfile.TemporaryDirectory(prefix="tune_cnn_bench_sweep_") as folder:
