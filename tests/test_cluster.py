@@ -32,7 +32,9 @@ def test_cluster_yaml_passes_rays_validation(cluster_config: dict):
     head, workers = nodes[cluster_config["head_node_type"]], [n for name, n in nodes.items() if name != cluster_config["head_node_type"]]
     assert not head["node_config"]["InstanceType"].startswith(("g", "p"))  # a CPU head
     assert [w["min_workers"] for w in workers] == [0] and workers[0]["max_workers"] >= 1
-    assert workers[0]["node_config"]["InstanceType"] == "g5.xlarge"  # one GPU per worker
+    assert workers[0]["node_config"]["InstanceType"] == "g5.2xlarge"  # one GPU per worker
+    assert workers[0]["resources"] == {"CPU": 8, "GPU": 1}  # room for gpu: auto's eight trials of one CPU each
+    assert any("nvidia-cuda-mps-control -d" in c for c in cluster_config["worker_start_ray_commands"])
 
 
 def test_cluster_yaml_names_its_storage_once_and_holds_no_credentials():

@@ -66,9 +66,9 @@ def test_checkpoint_epochs_include_the_last_epoch_of_every_trial(tmp_path: Path)
     assert load_space(path).checkpoint_epochs == [4, 6, 8, 10]
 
 
-def test_gpu_auto_packs_four_trials_per_gpu_and_is_dropped_without_gpus():
+def test_gpu_auto_packs_eight_trials_per_gpu_and_is_dropped_without_gpus():
     auto = Resources(gpu="auto")
-    assert auto.resolve_gpu(cluster_gpus=2) == 0.25
+    assert auto.resolve_gpu(cluster_gpus=2) == 0.125
     assert auto.resolve_gpu(cluster_gpus=0) == 0
     assert Resources(gpu=0.5).resolve_gpu(cluster_gpus=0) == 0
     assert Resources(gpu=0.5).resolve_gpu(cluster_gpus=1) == 0.5
