@@ -227,8 +227,13 @@ def engine_variants(config: TrainConfig, device: torch.device, keys: Sequence[st
     """On CUDA the engine's ways to cut per-step overhead (`keys` of VARIANTS, default all), each timed;
     elsewhere the engine as configured."""
     if device.type != "cuda":
-        return {"engine, compiled" if config.compile else "engine": config}
+        return {engine_label(config, device): config}
     return {VARIANTS[k][0]: dataclasses.replace(config, **VARIANTS[k][1]) for k in (VARIANTS if keys is None else keys)}
+
+
+def engine_label(config: TrainConfig, device: torch.device) -> str:
+    """The engine as `config` runs it on `device`: 'engine', plus ', CUDA graph' and ', compiled' where they apply."""
+    return "engine" + (", CUDA graph" if config.cuda_graph and device.type == "cuda" else "") + (", compiled" if config.compile else "")
 
 
 def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> tuple[list[Timing], dict[str, str]]:
@@ -306,9 +311,8 @@ def time_concurrent(plan: Plan, data: DataSplits, sample: Arrays, trials: int, f
     if failures:
         raise RuntimeError(f"a concurrent trial failed: {failures[0]}")
     warmup = max(o[1] for o in outcomes)
-    mode = ", CUDA graph" if plan.config.cuda_graph and resolve_device(plan.config.device).type == "cuda" else ""
-    mode += ", compiled" if plan.config.compile else ""
-    return Timing(f"engine{mode}, {trials} concurrent trial{'s' * (trials > 1)}", trials * len(sample), [seconds], trials, warmup)
+    label = engine_label(plan.config, resolve_device(plan.config.device))
+    return Timing(f"{label}, {trials} concurrent trial{'s' * (trials > 1)}", trials * len(sample), [seconds], trials, warmup)
 
 
 def concurrent_trial(rank: int, settings: dict, shape: InputShape, mean, std, sample_file: str, warmup_images: int,
@@ -558,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         save(figures, args.out, args.quick)
     on_gpu = resolve_device(plan.config.device).type == "cuda"
     if wanted(args.seed_trials, on_gpu):
-        print(format_table(figures), flush=True)
+        print(f"timing the seed space's trials, {args.seed_trials_at_once} at a time ...", flush=True)
         figures["seed_trials_without_ray"] = time_seed_trials(data.source, args.seed_trials_at_once, parse_settings(args.set))
         save(figures, args.out, args.quick)
     if wanted(args.sweep, on_gpu and importlib.util.find_spec("ray") is not None):

@@ -437,9 +437,10 @@ class StepGraph:
     captured once as a CUDA graph and replayed for every later full batch.
 
     At batch 32 an eager step is dozens of tiny kernels, each paying Python dispatch and a launch; a replay
-    is one launch. Measured on an H200 (seed model): 100,279 images/s against the eager engine's 15,055. The first WARMUP_STEPS full batches run eagerly on a side stream, as capture requires
-    (cuDNN's autotuning, cuBLAS handles and the optimizer's state must exist first); they are ordinary
-    training steps, so the run takes the same steps as the eager engine.
+    is one launch. Measured on an H200 (seed model): 100,279 images/s against the eager engine's 15,055.
+    The first WARMUP_STEPS full batches run eagerly on a side stream, as capture requires (cuDNN's
+    autotuning, cuBLAS handles and the optimizer's state must exist first); they are ordinary training
+    steps, so the run takes the same steps as the eager engine.
     """
 
     WARMUP_STEPS = 3
