@@ -180,6 +180,10 @@ CASES: dict[str, Case] = {
     ),
     "analysis of a folder that is not an experiment": ("analysis", lambda t, i: [not_an_experiment(t)], "photos"),
     "analysis of a path that does not exist": ("analysis", lambda t, i: [str(t / "nowhere")], "does not exist"),
+    # Mistyped options (argparse's own errors)
+    "unknown option": ("sweep", lambda t, i: ["quick", "--data", str(i), "--verbose"], "unrecognized arguments: --verbose; see python -m tune_cnn.sweep --help"),
+    "option value of the wrong type": ("train", lambda t, i: ["--data", str(i), "--subset", "many"], "argument --subset: invalid int value: 'many'"),
+    "analysis without its folder": ("analysis", lambda t, i: [], "the following arguments are required"),
 }
 
 # Where each command would write: the test checks it stays absent.

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from tune_cnn.errors import TuneCnnError, exit_on_user_error
+from tune_cnn.errors import CommandParser, TuneCnnError, exit_on_user_error
 
 METADATA_FILE = "tune_cnn.json"
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
@@ -776,7 +776,7 @@ def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tune_cnn.analysis", description="Analyse a sweep: tables, findings, plots and report.md.")
+    parser = CommandParser(prog="python -m tune_cnn.analysis", description="Analyse a sweep: tables, findings, plots and report.md.")
     parser.add_argument("experiment", help="the experiment folder (STORAGE/NAME), local or a URI such as s3://bucket/path/name")
     parser.add_argument("--by", nargs="+", default=None, metavar="SETTING", help="settings to group by (default: the swept settings)")
     parser.add_argument("--epochs", nargs="+", type=int, default=None, metavar="EPOCH", help="snapshot epochs (default: the sweep's checkpoint epochs)")

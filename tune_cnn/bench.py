@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
-from tune_cnn.errors import ConfigError, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
 from tune_cnn.models import InputShape, build_model, training_flops_per_image
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
 from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, keep_freed_memory, make_optimizer, parse_settings,
@@ -502,7 +502,7 @@ def result_path(folder: Path, figures: dict[str, Any], quick: bool) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tune_cnn.bench", description="Time the tutorial pipeline against tune_cnn's engine.")
+    parser = CommandParser(prog="python -m tune_cnn.bench", description="Time the tutorial pipeline against tune_cnn's engine.")
     parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
     parser.add_argument("--quick", action="store_true", help="fewer images and passes: under two minutes on a 2-core CPU")
     parser.add_argument("--images", type=int, default=None, help="training images timed per pass (default the whole training split, 45,000 for CIFAR-10; 6,000 with --quick)")

@@ -1,10 +1,11 @@
 """The one error type a user can cause, and the way every command reports it."""
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -23,6 +24,15 @@ class DataError(TuneCnnError):
 
 class StorageError(TuneCnnError):
     """The experiment's storage cannot be written (permissions, a full disk, a bucket without access)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for every command, but a mistyped option is one line, like every other user error (argparse
+    prints its whole usage block first), and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def exit_on_user_error(main: F) -> F:

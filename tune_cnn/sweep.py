@@ -24,7 +24,7 @@ import yaml
 
 from tune_cnn.analysis import METADATA_FILE, write_analysis
 from tune_cnn.data import DataSplits, load_data
-from tune_cnn.errors import ConfigError, StorageError, TuneCnnError, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 from tune_cnn.train import TrainConfig, load_checkpoint, train
 
@@ -73,7 +73,7 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m tune_cnn.sweep",
         description="Run a search space as a Ray Tune sweep. Spaces: " + ", ".join(space_names()) + ", or a YAML path.",
     )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_cnn.data import Arrays, DataSplits, load_data
-from tune_cnn.errors import ConfigError, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
 from tune_cnn.models import MODEL_SETTINGS, InputShape, ModelConfig, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -504,7 +504,7 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast=nullc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tune_cnn.train", description="Train one config and print every epoch.")
+    parser = CommandParser(prog="python -m tune_cnn.train", description="Train one config and print every epoch.")
     parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
     parser.add_argument("--subset", type=int, default=None, help="train on a stratified subset of N images")
     parser.add_argument("--checkpoints", type=Path, default=None, help="keep checkpoints in this folder")
