@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,14 @@ def uninterrupted_run(images: Path, params: dict[str, Any]) -> list[dict[str, fl
 # --- 5. Ctrl-C ---------------------------------------------------------------------------------------------
 
 
+def a_checkpoint_saved(experiment: Path) -> Callable[[], bool]:
+    def condition() -> bool:
+        """a trial with a saved checkpoint"""
+        return any(t["last"].get("checkpoint_dir_name") for t in saved_trials(experiment))
+
+    return condition
+
+
 def test_ctrl_c_stops_cleanly_says_how_to_resume_and_leaves_an_interrupted_sweep(images: Path, tmp_path: Path):
     args, experiment = sweep_args(tmp_path, images, """
         resources: {cpu: 1}
@@ -92,12 +101,7 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_leaves_an_interrupted_sweep
         space: {pooling: [max, avg]}
     """, "--max-concurrent", "1")
     run = Sweep(*args)
-
-    def a_checkpoint_saved() -> bool:
-        """a trial with a saved checkpoint"""
-        return any(t["last"].get("checkpoint_dir_name") for t in saved_trials(experiment))
-
-    wait_for(a_checkpoint_saved, run)
+    wait_for(a_checkpoint_saved(experiment), run)
     run.kill_all(signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground process group
     code, output = run.finish()
 
@@ -108,6 +112,23 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_leaves_an_interrupted_sweep
     # One trial was interrupted; with one trial at a time, Ray had not yet created the other.
     assert list(df.attrs["incomplete"].values()) == ["running"]
     assert set(df["status"]) == {"running"} and df["epoch"].tolist() == list(range(1, len(df) + 1))
+
+
+def test_ctrl_c_with_a_trial_still_pending_prints_no_warnings_about_its_missing_results(images: Path, tmp_path: Path):
+    """Each trial asks for every CPU, so the second waits, created but never started, when Ctrl-C comes."""
+    args, experiment = sweep_args(tmp_path, images, f"""
+        resources: {{cpu: {os.cpu_count()}}}
+        fixed: {{epochs: 30, checkpoint_every: 1, padding: same, batch_size: 8}}
+        space: {{pooling: [max, avg]}}
+    """)
+    run = Sweep(*args)
+    wait_for(a_checkpoint_saved(experiment), run)
+    run.kill_all(signal.SIGINT)
+    code, output = run.finish()
+
+    assert code == 1 and "PENDING" in output, output[-3000:]
+    assert "Failed to fetch metrics" not in output and "Traceback" not in output, output[-3000:]
+    assert "2 trial(s) did not finish; rerun the same command with --resume to continue" in output
 
 
 # --- 2. The driver is killed ---------------------------------------------------------------------------------

@@ -412,6 +412,9 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args
 
     # The compact CLIReporter table needs Tune's classic output engine.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # After Ctrl-C, trials that never started have no results; Ray warns about each, with a FileNotFoundError,
+    # every time the results are read. report_results says which trials did not finish and how to resume.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     started = connect_ray(args.address)
     try:
         resources = trial_resources(space)
