@@ -18,6 +18,26 @@ def test_default_config_is_the_seed_keras_model():
     ]
 
 
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_max_pooling_before_relu_computes_the_keras_order_exactly(batch_norm):
+    model = build_model(ModelConfig(batch_norm=batch_norm), CIFAR)
+    keras_order = list(model)
+    for i, layer in enumerate(keras_order[:-1]):
+        if isinstance(layer, nn.MaxPool2d):
+            keras_order[i], keras_order[i + 1] = keras_order[i + 1], layer  # back to ReLU, then MaxPool
+    assert [type(m) for m in model].index(nn.MaxPool2d) < [type(m) for m in keras_order].index(nn.MaxPool2d)
+    x = torch.randn(8, 3, 32, 32)
+    outputs, grads = [], []
+    for layers in (list(model), keras_order):
+        model.zero_grad()
+        out = nn.Sequential(*layers)(x)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
 def test_parameter_count_follows_the_keras_formula_for_same_padding():
     # conv k x k: (k*k*in + 1) * out; after two 2x2 poolings of a 32x32 'same' map: 8x8x64 into Dense64.
     k = 5
