@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import make_image_folder, synthetic_splits
 from tune_cnn import bench
-from tune_cnn.bench import Plan, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark, time_seed_trials
+from tune_cnn.bench import Plan, Timing, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark, time_seed_trials
 from tune_cnn.data import load_data
 from tune_cnn.train import TrainConfig, build_engine
 
@@ -55,6 +55,8 @@ def test_benchmark_times_every_pipeline_and_writes_well_formed_figures(tmp_path)
     assert results["engine, 2 concurrent trials"]["images"] == 256 and results["engine, 2 concurrent trials"]["trials"] == 2
     for r in figures["results"]:
         assert r["images_per_second"] > 0 and r["epoch_seconds"] == pytest.approx(50_000 / r["images_per_second"])
+    assert results["engine"]["ratio_to_reference_by_pass"] == [pytest.approx(results["engine"]["ratio_to_reference"])]
+    assert results["engine, 2 concurrent trials"]["ratio_to_reference_by_pass"] is None  # not timed beside the reference
     assert figures["floor"]["images_per_second"] > 0 and figures["matrix_rate"]["dtype"] == "float32"
     assert {"device", "torch", "batch_size", "commit", "date"} <= set(figures) and figures["batch_size"] == 16
     json.dumps(figures)  # everything is plain JSON
@@ -109,3 +111,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, arguments, words):
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(error) == 1 and words in error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_ratios_pass_by_pass_pair_each_pass_with_the_reference_pass_of_its_round():
+    reference = Timing("reference (2 workers)", images=1000, seconds=[1.0, 0.5, 1.0])  # the machine sped up in round 2
+    engine = Timing("engine", images=1000, seconds=[0.5, 0.2, 0.4])
+    assert engine.ratios_by_pass(reference) == pytest.approx([2.0, 2.5, 2.5])
+    assert engine.as_dict(reference)["ratio_to_reference"] == pytest.approx(2.5 / 1.0)  # medians: 2,500 over 1,000 images/s
+    lines = bench.pass_by_pass([t.as_dict(reference) for t in (reference, engine)])
+    assert lines[1].split() == ["reference", "(2", "workers)", "1,000", "/", "2,000", "/", "1,000"]
+    assert lines[2].split()[-5:] == ["2.00", "/", "2.50", "/", "2.50"]

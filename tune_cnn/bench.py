@@ -78,7 +78,16 @@ class Timing:
 
     def as_dict(self, reference: Timing | None) -> dict[str, Any]:
         ratio = self.images_per_second / reference.images_per_second if reference else None
-        return {**dataclasses.asdict(self), **{k: getattr(self, k) for k in REPORTED}, "ratio_to_reference": ratio}
+        return {**dataclasses.asdict(self), **{k: getattr(self, k) for k in REPORTED}, "ratio_to_reference": ratio,
+                "images_per_second_by_pass": [self.images / s for s in self.seconds],
+                "ratio_to_reference_by_pass": self.ratios_by_pass(reference)}
+
+    def ratios_by_pass(self, reference: Timing | None) -> list[float] | None:
+        """Each pass's images/s over the reference pass of the same round, timed just before it: the ratio with
+        the machine's drift between rounds taken out (a shared machine's speed can change by 20% in a minute)."""
+        if reference is None or len(reference.seconds) != len(self.seconds) or self.trials != 1:
+            return None
+        return [(self.images / mine) / (reference.images / theirs) for mine, theirs in zip(self.seconds, reference.seconds)]
 
 
 @dataclass
@@ -451,6 +460,7 @@ def format_table(figures: dict[str, Any]) -> str:
         lines.append(f"{r['name']:<38}{r['trials']:>7}{r['images_per_second']:>11,.0f}{r['epoch_seconds']:>15.2f}{ratio:>13}"
                      f"{r['warmup_seconds']:>11.1f}{load:>12}")
     lines += [f"{name:<38}  failed: {error}" for name, error in figures.get("failed", {}).items()]
+    lines += pass_by_pass(figures["results"])
     lines.append(
         f"{'floor':<38}{'':>7}{floor_['images_per_second']:>11,.0f}{floor_['epoch_seconds']:>15.2f}  "
         f"({floor_['flops_per_image'] / 1e6:.1f} MFLOP per training image at {rate['flops_per_second'] / 1e12:.2f} TFLOP/s "
@@ -469,6 +479,20 @@ def format_table(figures: dict[str, Any]) -> str:
         s = figures["sweep"]
         lines.append(f"seed sweep (6 trials x 30 epochs): {s['seconds']:.1f} s wall clock, exit {s['returncode']}: {s['command']}")
     return "\n".join(lines)
+
+
+def pass_by_pass(results: list[dict[str, Any]]) -> list[str]:
+    """With more than one round: each side-by-side row's images/s pass by pass and its ratio to the reference's
+    pass of the same round, so that a machine whose speed drifted shows it."""
+    if len(results[0]["seconds"]) < 2:
+        return []
+    lines = ["pass by pass (images/s; x reference in the same round):"]
+    for r in results:
+        if r["ratio_to_reference_by_pass"] is not None:
+            speeds = " / ".join(f"{v:,.0f}" for v in r["images_per_second_by_pass"])
+            ratios = " / ".join(f"{v:.2f}" for v in r["ratio_to_reference_by_pass"])
+            lines.append(f"  {r['name']:<36}{speeds}" + ("" if r is results[0] else f"   x {ratios}"))
+    return lines
 
 
 def device_name(device: torch.device) -> str:
