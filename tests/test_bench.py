@@ -121,3 +121,10 @@ def test_ratios_pass_by_pass_pair_each_pass_with_the_reference_pass_of_its_round
     lines = bench.pass_by_pass([t.as_dict(reference) for t in (reference, engine)])
     assert lines[1].split() == ["reference", "(2", "workers)", "1,000", "/", "2,000", "/", "1,000"]
     assert lines[2].split()[-5:] == ["2.00", "/", "2.50", "/", "2.50"]
+
+
+def test_a_reference_process_that_fails_is_an_error_with_its_cause_not_a_hang(tmp_path):
+    plan = Plan(TrainConfig(batch_size=16), images=64, rounds=1, workers=0)
+    with pytest.raises(RuntimeError, match="the reference process failed: FileNotFoundError"):
+        with bench.ReferenceProcess(plan, synthetic_splits(train=100, val=10, test=10), tmp_path / "missing.npz"):
+            pass

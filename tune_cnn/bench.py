@@ -2,14 +2,15 @@
 
     python -m tune_cnn.bench [--quick] [--data ...] [--images N] [--batch-size 32] [--concurrency 1 2 4 8] [--out DIR]
 
-In one process it times (a) the reference pipeline written the way Ray Tune's and PyTorch's CIFAR-10
-tutorials write it (a Dataset that turns each uint8 image into a PIL image, then ToTensor and Normalize, a
-DataLoader with worker processes, one model step per batch, the loss read back every step), (b) tune_cnn's
-engine (tune_cnn.train's own train_epoch; on CUDA each of its variants: eager, torch.compile's CUDA graphs,
-the whole-step CUDA graph in bf16 and fp32, and that graph around torch.compile's kernels), and (c) N concurrent engine trials in N processes. Reference and engine alternate round by round, so a
-busy machine slows both alike. It measures the device's matrix rate and prints the floor: the model's
-training FLOPs per image over that rate. On a GPU it also times the `seed` space's six trials as plain
-processes, and with Ray there the whole `seed` sweep.
+In one run it times (a) the reference pipeline written the way Ray Tune's and PyTorch's CIFAR-10 tutorials
+write it (a Dataset that turns each uint8 image into a PIL image, then ToTensor and Normalize, a DataLoader
+with worker processes, one model step per batch, the loss read back every step), in a plain process of its own
+as a tutorial script runs; (b) tune_cnn's engine (tune_cnn.train's own train_epoch; on CUDA each of its
+variants: eager, torch.compile's CUDA graphs, the whole-step CUDA graph in bf16 and fp32, and that graph around
+torch.compile's kernels); and (c) N concurrent engine trials in N processes. Reference and engine alternate
+round by round, so a busy machine slows both alike. It measures the device's matrix rate and prints the floor:
+the model's training FLOPs per image over that rate. On a GPU it also times the `seed` space's six trials as
+plain processes, and with Ray there the whole `seed` sweep.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
 from tune_cnn.models import InputShape, build_model, training_flops_per_image
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
-from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, keep_freed_memory, make_optimizer, parse_settings,
+from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, make_optimizer, parse_settings,
                             resolve_device, train)
 
 EPOCH_IMAGES = 50_000  # the "seconds per epoch" column is for a 50,000-image epoch, as the issue states targets
@@ -128,9 +129,9 @@ class TutorialDataset(Dataset):
         return self.transform(image), int(self.arrays.y[i])
 
 
-def reference_loader(arrays: Arrays, data: DataSplits, batch_size: int, workers: int, seed: int) -> DataLoader:
+def reference_loader(arrays: Arrays, mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    dataset = TutorialDataset(arrays, data.mean, data.std)
+    dataset = TutorialDataset(arrays, mean, std)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, generator=generator)
 
 
@@ -163,7 +164,7 @@ def compare_accuracy(config: TrainConfig, data: DataSplits, epochs: int, seeds: 
     for seed in seeds:
         seeded = dataclasses.replace(config, seed=seed)
         model, optimizer = reference_model(seeded, data.shape)
-        loader = reference_loader(data.train, data, seeded.batch_size, workers, seed)
+        loader = reference_loader(data.train, data.mean, data.std, seeded.batch_size, workers, seed)
         engine = build_engine(seeded, data.shape, data.mean, data.std)
         splits = {name: engine.put(getattr(data, name)) for name in ("train", "val", "test")}
         for _ in range(epochs):
@@ -190,6 +191,13 @@ def timed(run: Callable[[], object], device: torch.device) -> float:
     run()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def measured(run: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """One timed pass: its seconds, and the cores other processes kept busy meanwhile."""
+    with OtherLoad() as load:
+        seconds = timed(run, device)
+    return seconds, load.cores
 
 
 class OtherLoad:
@@ -245,47 +253,122 @@ def engine_label(config: TrainConfig, device: torch.device) -> str:
     return "engine" + (", CUDA graph" if config.cuda_graph and device.type == "cuda" else "") + (", compiled" if config.compile else "")
 
 
-def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays) -> tuple[list[Timing], dict[str, str]]:
+def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays, folder: Path) -> tuple[list[Timing], dict[str, str]]:
     """Reference and engine variants, alternating pass by pass after untimed warm-ups. An engine variant that
-    fails to build or warm up (a GPU or torch version without some feature) is left out, its error returned."""
-    config, device = plan.config, resolve_device(plan.config.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # before either pipeline allocates: the reference gets the engine's allocator settings
+    fails to build or warm up (a GPU or torch version without some feature) is left out, its error returned.
+
+    The reference runs in a process of its own (ReferenceProcess), as a tutorial script runs; the engines run
+    here, in a process that build_engine has set up as every trial's is.
+    """
+    device = resolve_device(plan.config.device)
     warmup = sample.take(np.arange(plan.warmup_images))
-    model, optimizer = reference_model(config, data.shape)
     reference = f"reference ({plan.workers} workers)"
-    runs = {reference: reference_runner(model, optimizer, sample, warmup, data, plan)}
-    timings = {reference: Timing(reference, len(sample), [], warmup_seconds=timed(runs[reference], device))}
-    failures = {}
-    for name, variant in engine_variants(config, device, plan.variants).items():
-        try:
-            runs[name] = engine_runner(variant, data, sample, warmup)
-            timings[name] = Timing(name, len(sample), [], warmup_seconds=timed(runs[name], device))
-        except Exception as error:  # noqa: BLE001 - reported with the figures
-            runs.pop(name, None)
-            failures[name] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-            print(f"{name}: failed, left out: {failures[name]}", flush=True)
-    for _ in range(plan.rounds):
-        for name, run in runs.items():
-            with OtherLoad() as load:
-                timings[name].seconds.append(timed(run, device))
-            timings[name].others_cores.append(load.cores)
+    failures: dict[str, str] = {}
+    with ReferenceProcess(plan, data, save_sample(sample, folder)) as run_reference:
+        runs = {reference: run_reference}
+        timings = {reference: Timing(reference, len(sample), [], warmup_seconds=run_reference.warmup_seconds)}
+        for name, variant in engine_variants(plan.config, device, plan.variants).items():
+            try:
+                runs[name] = engine_runner(variant, data, sample, warmup)
+                timings[name] = Timing(name, len(sample), [], warmup_seconds=runs[name]()[0])
+            except Exception as error:  # noqa: BLE001 - reported with the figures
+                runs.pop(name, None)
+                failures[name] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+                print(f"{name}: failed, left out: {failures[name]}", flush=True)
+        for _ in range(plan.rounds):
+            for name, run in runs.items():
+                seconds, cores = run()
+                timings[name].seconds.append(seconds)
+                timings[name].others_cores.append(cores)
     return list(timings.values()), failures
 
 
-def reference_runner(model, optimizer, sample: Arrays, warmup: Arrays, data: DataSplits, plan: Plan) -> Callable[[], object]:
-    """The first call warms up (workers 0: the model's first steps), later calls run one timed epoch each."""
-    batch, seed = plan.config.batch_size, plan.config.seed
-    loaders = iter([reference_loader(warmup, data, batch, 0, seed)])
-    timed_loader = reference_loader(sample, data, batch, plan.workers, seed)
-    return lambda: reference_epoch(model, optimizer, next(loaders, timed_loader))
+class ReferenceProcess:
+    """The reference pipeline in a plain process of its own, as a tutorial script runs it; each call times one
+    pass there and returns its seconds and the other load.
+
+    Not in the benchmark's own process: the engine's process-wide allocator settings (train.keep_freed_memory)
+    would speed the reference up as well, by 20% on the 2-core CPU (1,250-1,380 against 1,490-1,680 images/s,
+    alternating processes, measured), crediting it with one of the engine's optimisations.
+    """
+
+    def __init__(self, plan: Plan, data: DataSplits, sample_file: Path):
+        context = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's state
+        self.commands, self.results = context.Queue(), context.Queue()
+        args = (plan.config.flat(), data.shape, data.mean, data.std, str(sample_file), plan.warmup_images, plan.workers,
+                mp.get_start_method(), self.commands, self.results)
+        self.process = context.Process(target=reference_process, args=args)
+        self.warmup_seconds = 0.0
+
+    def __enter__(self) -> ReferenceProcess:
+        self.process.start()
+        self.warmup_seconds = self._receive()
+        return self
+
+    def __call__(self) -> tuple[float, float | None]:
+        self.commands.put("pass")
+        return self._receive()
+
+    def __exit__(self, *_) -> None:
+        self.commands.put(None)
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+
+    def _receive(self) -> Any:
+        deadline = time.monotonic() + CONCURRENT_TIMEOUT_S
+        while True:
+            try:
+                outcome = self.results.get(timeout=1)
+                break
+            except queue.Empty:
+                if not self.process.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the reference process {'hung' if self.process.is_alive() else 'died'} "
+                                       f"(exit code {self.process.exitcode})") from None
+        if isinstance(outcome, str):
+            raise RuntimeError(f"the reference process failed: {outcome}")
+        return outcome
 
 
-def engine_runner(config: TrainConfig, data: DataSplits, sample: Arrays, warmup: Arrays) -> Callable[[], object]:
+def reference_process(settings: dict, shape: InputShape, mean, std, sample_file: str, warmup_images: int, workers: int,
+                      start_method: str, commands, results) -> None:
+    """Warm up on `warmup_images` (no workers: the model's first steps), report the seconds, then run one timed
+    pass per command until None. DataLoader workers start the way a script's would (`start_method`, the
+    platform's default): a spawned process would otherwise spawn them too, 2-3 s of imports per epoch."""
+    try:
+        mp.set_start_method(start_method, force=True)
+        config = TrainConfig.from_flat(settings)
+        device = resolve_device(config.device)
+        sample = load_sample(sample_file)
+        model, optimizer = reference_model(config, shape)
+        first = reference_loader(sample.take(np.arange(warmup_images)), mean, std, config.batch_size, 0, config.seed)
+        results.put(timed(lambda: reference_epoch(model, optimizer, first), device))
+        loader = reference_loader(sample, mean, std, config.batch_size, workers, config.seed)
+        while commands.get() is not None:
+            results.put(measured(lambda: reference_epoch(model, optimizer, loader), device))
+    except Exception as error:  # noqa: BLE001 - the parent raises it
+        results.put(repr(error))
+
+
+def engine_runner(config: TrainConfig, data: DataSplits, sample: Arrays, warmup: Arrays) -> Callable[[], tuple[float, float | None]]:
+    """The first call warms up, later calls time one pass each."""
     engine = build_engine(config, data.shape, data.mean, data.std)
     on_device = iter([engine.put(warmup)])
     timed_data = engine.put(sample)
-    return lambda: engine.train_epoch(next(on_device, timed_data))
+    return lambda: measured(lambda: engine.train_epoch(next(on_device, timed_data)), engine.device)
+
+
+def save_sample(sample: Arrays, folder: Path) -> Path:
+    """The timed images as a file that the other processes load."""
+    path = folder / "sample.npz"
+    if not path.exists():
+        np.savez(path, x=sample.x, y=sample.y)
+    return path
+
+
+def load_sample(path: str) -> Arrays:
+    with np.load(path) as stored:
+        return Arrays(stored["x"], stored["y"])
 
 
 # --- (c) Concurrent trials, one process each ----------------------------------------------------------------
@@ -297,9 +380,7 @@ def time_concurrent(plan: Plan, data: DataSplits, sample: Arrays, trials: int, f
     Every process loads the sample, builds its engine and warms up before a barrier; the clock runs from the
     barrier to the last process's end.
     """
-    sample_file = folder / "sample.npz"
-    if not sample_file.exists():
-        np.savez(sample_file, x=sample.x, y=sample.y)
+    sample_file = save_sample(sample, folder)
     context = mp.get_context("spawn")  # CUDA cannot be used in forked children
     ready, done = context.Barrier(trials + 1), context.Queue()
     shared = (plan.config.flat(), data.shape, data.mean, data.std, str(sample_file), plan.warmup_images, trials, ready, done)
@@ -329,8 +410,7 @@ def concurrent_trial(rank: int, settings: dict, shape: InputShape, mean, std, sa
     """One trial process: its own engine and copy of the data on the device, seeded by its rank."""
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // trials))  # trials share the host's cores
-        with np.load(sample_file) as stored:
-            sample = Arrays(stored["x"], stored["y"])
+        sample = load_sample(sample_file)
         config = TrainConfig.from_flat({**settings, "seed": settings["seed"] + rank})
         engine = build_engine(config, shape, mean, std)
         on_device = engine.put(sample)
@@ -419,8 +499,8 @@ def run_benchmark(plan: Plan, data: DataSplits, quick: bool = False) -> dict[str
     device = resolve_device(plan.config.device)
     sample = data.train.take(stratified_subset(data.train.y, plan.images, plan.config.seed))
     load_before = load_average()
-    timings, failures = time_side_by_side(plan, data, sample)
     with tempfile.TemporaryDirectory(prefix="tune_cnn_bench_") as folder:
+        timings, failures = time_side_by_side(plan, data, sample, Path(folder))
         timings += [time_concurrent(plan, data, sample, trials, Path(folder)) for trials in plan.concurrency]
     rate = matrix_rate(device, quick)
     return {
