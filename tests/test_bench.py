@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import make_image_folder, synthetic_splits
 from tune_cnn import bench
-from tune_cnn.bench import Plan, Timing, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark, time_seed_trials
+from tune_cnn.bench import (Plan, Timing, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark,
+                            time_seed_sweep, time_seed_trials)
 from tune_cnn.data import load_data
 from tune_cnn.train import TrainConfig, build_engine
 
@@ -128,3 +129,13 @@ def test_a_reference_process_that_fails_is_an_error_with_its_cause_not_a_hang(tm
     with pytest.raises(RuntimeError, match="the reference process failed: FileNotFoundError"):
         with bench.ReferenceProcess(plan, synthetic_splits(train=100, val=10, test=10), tmp_path / "missing.npz"):
             pass
+
+
+@pytest.mark.slow
+def test_the_whole_seed_sweep_is_timed_from_command_to_analysis(tmp_path):
+    # What `--sweep yes` runs on a GPU machine with Ray: here on tiny images, all 6 trials x 30 epochs.
+    folder = make_image_folder(tmp_path / "images", size=(32, 32))
+    figures = time_seed_sweep(str(folder), tmp_path / "sweeps")
+    assert figures["returncode"] == 0, figures["output_tail"]
+    assert figures["analysis_written"] and figures["seconds"] > 0
+    assert (tmp_path / "sweeps" / "bench_seed" / "analysis" / "report.md").is_file()
