@@ -18,7 +18,6 @@ def test_default_config_is_the_seed_keras_model():
     ]
 
 
-
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_max_pooling_before_relu_computes_the_keras_order_exactly(batch_norm):
     model = build_model(ModelConfig(batch_norm=batch_norm), CIFAR)
@@ -37,6 +36,7 @@ def test_max_pooling_before_relu_computes_the_keras_order_exactly(batch_norm):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
 
 def test_parameter_count_follows_the_keras_formula_for_same_padding():
     # conv k x k: (k*k*in + 1) * out; after two 2x2 poolings of a 32x32 'same' map: 8x8x64 into Dense64.

@@ -54,7 +54,7 @@ EPOCH_IMAGES = 50_000  # the "seconds per epoch" column is for a 50,000-image ep
 WARMUP_BATCHES = 10  # untimed steps before timing: first-call allocations, cuDNN/oneDNN choices, compilation
 REPORTED = ("images_per_second", "epoch_seconds")
 QUICK_IMAGES = 6000
-CONCURRENT_TIMEOUT_S = 900  # a trial process that dies before reporting fails the benchmark instead of hanging it
+PROCESS_TIMEOUT_S = 900  # a trial or reference process that stops answering fails the benchmark instead of hanging it
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -316,7 +316,7 @@ class ReferenceProcess:
             self.process.kill()
 
     def _receive(self) -> Any:
-        deadline = time.monotonic() + CONCURRENT_TIMEOUT_S
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
         while True:
             try:
                 outcome = self.results.get(timeout=1)
@@ -388,15 +388,15 @@ def time_concurrent(plan: Plan, data: DataSplits, sample: Arrays, trials: int, f
     for worker in workers:
         worker.start()
     try:
-        ready.wait(timeout=CONCURRENT_TIMEOUT_S)
+        ready.wait(timeout=PROCESS_TIMEOUT_S)
         start = time.perf_counter()
-        outcomes = [done.get(timeout=CONCURRENT_TIMEOUT_S) for _ in workers]
+        outcomes = [done.get(timeout=PROCESS_TIMEOUT_S) for _ in workers]
         seconds = time.perf_counter() - start
     except (threading.BrokenBarrierError, queue.Empty):
         raise RuntimeError(f"concurrent trials failed or hung: {drain(done) or 'no message'}") from None
     finally:
         for worker in workers:
-            worker.join(timeout=CONCURRENT_TIMEOUT_S)
+            worker.join(timeout=PROCESS_TIMEOUT_S)
     failures = [o for o in outcomes if isinstance(o, str)]
     if failures:
         raise RuntimeError(f"a concurrent trial failed: {failures[0]}")
@@ -415,7 +415,7 @@ def concurrent_trial(rank: int, settings: dict, shape: InputShape, mean, std, sa
         engine = build_engine(config, shape, mean, std)
         on_device = engine.put(sample)
         warmup = timed(lambda: engine.train_epoch(engine.put(sample.take(np.arange(warmup_images)))), engine.device)
-        ready.wait(timeout=CONCURRENT_TIMEOUT_S)
+        ready.wait(timeout=PROCESS_TIMEOUT_S)
         timed(lambda: engine.train_epoch(on_device), engine.device)
         done.put((rank, warmup))
     except Exception as error:  # noqa: BLE001 - the parent raises it
