@@ -97,6 +97,9 @@ def test_seed_space_trials_run_as_plain_processes(tmp_path):
     "arguments, words",
     [
         (["--images", "5000"], "--images 5000 is out of range"),
+        (["--images", "0"], "--images 0 is out of range"),  # 0 is a value, not "use the default"
+        (["--rounds", "0"], "--rounds 0"),
+        (["--batch-size", "0"], "batch_size 0 is out of range"),
         (["--concurrency", "0"], "--concurrency 0 is not allowed"),
         (["--set", "lr=-1"], "lr -1.0 is out of range"),
         (["--accuracy-seeds", "0"], "--accuracy-seeds 0 is out of range"),

@@ -633,8 +633,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace, data: DataSplits) -> Plan:
     settings = {"batch_size": 32, **parse_settings(args.set)}
-    config = TrainConfig.from_flat({**settings, **({"batch_size": args.batch_size} if args.batch_size else {})})
-    rounds = args.rounds or (2 if args.quick else 3)
+    config = TrainConfig.from_flat({**settings, **({"batch_size": args.batch_size} if args.batch_size is not None else {})})
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
     if rounds < 1 or args.workers < 0 or args.accuracy_epochs < 0 or args.accuracy_seeds < 1:
         raise ConfigError(f"--rounds {rounds}, --workers {args.workers}, --accuracy-epochs {args.accuracy_epochs} or --accuracy-seeds "
                           f"{args.accuracy_seeds} is out of range; use --rounds >= 1, --workers >= 0, --accuracy-epochs >= 0, --accuracy-seeds >= 1")
@@ -646,7 +646,7 @@ def make_plan(args: argparse.Namespace, data: DataSplits) -> Plan:
         raise ConfigError(f"--seed-trials-at-once {args.seed_trials_at_once} is out of range; use 1 or more")
     if any(n < 1 for n in concurrency):
         raise ConfigError(f"--concurrency {' '.join(map(str, concurrency))} is not allowed; use counts of trials >= 1, such as 1 2 4 8")
-    images = args.images or min(QUICK_IMAGES if args.quick else len(data.train), len(data.train))
+    images = args.images if args.images is not None else min(QUICK_IMAGES if args.quick else len(data.train), len(data.train))
     if not config.batch_size <= images <= len(data.train):
         raise ConfigError(f"--images {images} is out of range; use {config.batch_size} (one batch) to {len(data.train)} (the training split)")
     return Plan(config, images, rounds, args.workers, concurrency, args.variants)
