@@ -91,6 +91,7 @@ def test_seed_space_trials_run_as_plain_processes(tmp_path):
     figures = time_seed_trials(str(folder), at_once=3, overrides={"epochs": 1})
     assert figures["trials"] == 6 and figures["at_once"] == 3 and figures["epochs"] == 1 and figures["batch_size"] == 32
     assert len(figures["val_acc"]) == 6 and all(0 <= a <= 1 for a in figures["val_acc"]) and figures["seconds"] > 0
+    assert len(figures["trial_epochs_s"]) == 6 and all(0 < s < figures["seconds"] for s in figures["trial_epochs_s"])
 
 
 @pytest.mark.parametrize(
@@ -142,3 +143,21 @@ def test_the_whole_seed_sweep_is_timed_from_command_to_analysis(tmp_path):
     assert figures["returncode"] == 0, figures["output_tail"]
     assert figures["analysis_written"] and figures["seconds"] > 0
     assert (tmp_path / "sweeps" / "bench_seed" / "analysis" / "report.md").is_file()
+    timeline = figures["timeline"]
+    assert 0 < timeline["trials_started_s"][0] <= timeline["trials_started_s"][1] < timeline["trials_ended_s"][1] < figures["seconds"]
+    assert all(0 < s for s in timeline["trial_epochs_s"] + timeline["trial_outside_epochs_s"])
+
+
+def test_a_sweep_timeline_places_each_trial_from_its_results(tmp_path):
+    # Two trials as Tune writes them: one result per epoch, time_total_s counting from the trial's start.
+    started_at = 1_800_000_000.0
+    for name, ended, epochs in (("a", 40, [3.0, 4.0]), ("b", 60, [5.0, 5.0])):
+        rows = [{"epoch_seconds": s, "time_total_s": 10.0 + sum(epochs[: i + 1]), "timestamp": int(started_at) + ended - 5 + 5 * i}
+                for i, s in enumerate(epochs)]
+        results = tmp_path / name / "result.json"
+        results.parent.mkdir()
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    timeline = bench.sweep_timeline(tmp_path, started_at)
+    assert timeline["trials_started_s"] == pytest.approx([23.0, 40.0])  # 40 - 17, 60 - 20
+    assert timeline["trials_ended_s"] == pytest.approx([40.0, 60.0])
+    assert timeline["trial_epochs_s"] == pytest.approx([7.0, 10.0]) and timeline["trial_outside_epochs_s"] == pytest.approx([10.0, 10.0])

@@ -456,12 +456,32 @@ def floor(config: TrainConfig, shape: InputShape, rate: float) -> dict[str, floa
 def time_seed_sweep(source: str, folder: Path) -> dict[str, Any]:
     """Wall clock of `python -m tune_cnn.sweep seed` from the command's start to its analysis written."""
     command = [sys.executable, "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder), "--name", "bench_seed"]
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     analysed = (folder / "bench_seed" / "analysis").is_dir()
     return {"command": " ".join(command[1:]), "seconds": seconds, "returncode": run.returncode, "analysis_written": analysed,
-            "output_tail": (run.stdout + run.stderr)[-2000:]}
+            "timeline": sweep_timeline(folder / "bench_seed", started_at), "output_tail": (run.stdout + run.stderr)[-2000:]}
+
+
+def sweep_timeline(experiment: Path, started_at: float) -> dict[str, Any]:
+    """Where a sweep's wall clock went, in seconds from the command's start (`started_at`, time.time()):
+    when the trials started and ended (to within a second: Tune stamps each result in whole seconds), and per
+    trial the time in its epochs (training and evaluation, as train() measures them) against the rest of the
+    trial (set-up, reporting to Tune, checkpoints)."""
+    trials = []
+    for results in sorted(experiment.glob("*/result.json")):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        ended = rows[-1]["timestamp"] - started_at
+        total, in_epochs = rows[-1]["time_total_s"], sum(r["epoch_seconds"] for r in rows)
+        trials.append({"started": ended - total, "ended": ended, "epochs": in_epochs, "outside_epochs": total - in_epochs})
+    if not trials:
+        return {}
+    span = lambda key: [min(t[key] for t in trials), max(t[key] for t in trials)]  # noqa: E731
+    return {"trials_started_s": span("started"), "trials_ended_s": span("ended"), "trial_epochs_s": span("epochs"),
+            "trial_outside_epochs_s": span("outside_epochs")}
 
 
 def time_seed_trials(source: str, at_once: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -476,15 +496,16 @@ def time_seed_trials(source: str, at_once: int, overrides: dict[str, Any] | None
     context = mp.get_context("spawn")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=at_once, mp_context=context) as pool:
-        accuracies = list(pool.map(seed_trial, [source] * len(trials), [space.seed] * len(trials), [at_once] * len(trials), trials))
+        histories = list(pool.map(seed_trial, [source] * len(trials), [space.seed] * len(trials), [at_once] * len(trials), trials))
     return {"trials": len(trials), "at_once": at_once, "epochs": trials[0]["epochs"], "batch_size": trials[0]["batch_size"],
-            "seconds": time.perf_counter() - start, "val_acc": accuracies}
+            "seconds": time.perf_counter() - start, "val_acc": [h[-1]["val_acc"] for h in histories],
+            "trial_epochs_s": [sum(m["epoch_seconds"] for m in h) for h in histories]}
 
 
-def seed_trial(source: str, split_seed: int, at_once: int, settings: dict[str, Any]) -> float:
+def seed_trial(source: str, split_seed: int, at_once: int, settings: dict[str, Any]) -> list[dict[str, float]]:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // at_once))
     data = load_data(source, seed=split_seed)
-    return train(TrainConfig.from_flat(settings), data, report=lambda metrics, checkpoint: None)[-1]["val_acc"]
+    return train(TrainConfig.from_flat(settings), data, report=lambda metrics, checkpoint: None)
 
 
 def wanted(choice: str, when_auto: bool) -> bool:
@@ -554,10 +575,16 @@ def format_table(figures: dict[str, Any]) -> str:
     if figures.get("seed_trials_without_ray"):
         t = figures["seed_trials_without_ray"]
         lines.append(f"seed space without Ray ({t['trials']} trials x {t['epochs']} epochs, {t['at_once']} at a time, "
-                     f"plain processes): {t['seconds']:.1f} s wall clock")
+                     f"plain processes): {t['seconds']:.1f} s wall clock"
+                     + (f"; in their epochs {min(t['trial_epochs_s']):.1f}-{max(t['trial_epochs_s']):.1f} s each" if t.get("trial_epochs_s") else ""))
     if figures.get("sweep"):
         s = figures["sweep"]
         lines.append(f"seed sweep (6 trials x 30 epochs): {s['seconds']:.1f} s wall clock, exit {s['returncode']}: {s['command']}")
+        if s.get("timeline"):
+            t = s["timeline"]
+            span = lambda key: f"{t[key][0]:.1f}-{t[key][1]:.1f} s"  # noqa: E731
+            lines.append(f"  trials started at {span('trials_started_s')} and ended at {span('trials_ended_s')} after the command's "
+                         f"start; in their epochs {span('trial_epochs_s')} each, outside them {span('trial_outside_epochs_s')}")
     return "\n".join(lines)
 
 

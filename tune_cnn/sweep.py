@@ -319,10 +319,11 @@ def _refuse_fast(address: str) -> None:
 
 
 def cluster_gpus() -> float:
-    """GPUs the cluster has now, or can scale to when an autoscaler is configured with GPU node types."""
+    """GPUs the cluster has now or, where it has none, can scale to when an autoscaler is configured with GPU node types."""
     import ray
 
-    return max(float(ray.cluster_resources().get("GPU", 0)), scalable_gpus())
+    # Asking for the autoscaler's config takes about 2 s, so only where no GPU is there yet.
+    return float(ray.cluster_resources().get("GPU", 0)) or scalable_gpus()
 
 
 def scalable_gpus() -> float:
