@@ -86,6 +86,18 @@ def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert figures["batch_size"] == 8 and figures["images_per_pass"] == 48 and figures["command"].startswith("python -m tune_cnn.bench")
 
 
+def test_a_later_run_on_the_same_day_keeps_the_earlier_figures(tmp_path):
+    figures = {"date": "2026-11-26T04:30:00+00:00", "device": "CPU AMD EPYC (2 cores)"}
+    first = bench.result_path(tmp_path, figures, quick=False)
+    assert first.name == "2026-11-26-cpu-amd-epyc-2-cores.json"
+    bench.save(figures, first)
+    second = bench.result_path(tmp_path, figures, quick=False)
+    assert second.name == "2026-11-26-cpu-amd-epyc-2-cores-2.json"
+    bench.save(figures, second)
+    assert bench.result_path(tmp_path, figures, quick=False).name == "2026-11-26-cpu-amd-epyc-2-cores-3.json"
+    assert bench.result_path(tmp_path, figures, quick=True).name == "2026-11-26-cpu-amd-epyc-2-cores-quick.json"
+
+
 def test_seed_space_trials_run_as_plain_processes(tmp_path):
     folder = make_image_folder(tmp_path / "images")
     figures = time_seed_trials(str(folder), at_once=3, overrides={"epochs": 1})

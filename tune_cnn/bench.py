@@ -625,8 +625,13 @@ def load_average() -> str | None:
 
 
 def result_path(folder: Path, figures: dict[str, Any], quick: bool) -> Path:
+    """<date>-<device>[-quick].json, or with -2, -3, ... added where an earlier run took the name."""
     slug = re.sub(r"[^a-z0-9]+", "-", figures["device"].lower()).strip("-")[:60]
-    return folder / f"{figures['date'][:10]}-{slug}{'-quick' if quick else ''}.json"
+    stem = f"{figures['date'][:10]}-{slug}{'-quick' if quick else ''}"
+    path, number = folder / f"{stem}.json", 2
+    while path.exists():
+        path, number = folder / f"{stem}-{number}.json", number + 1
+    return path
 
 
 # --- Command line ------------------------------------------------------------------------------------------
@@ -687,28 +692,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{data.describe()}; timing {plan.images:,} images per pass ...", flush=True)
     figures = run_benchmark(plan, data, args.quick)
     figures["command"] = "python -m tune_cnn.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = save(figures, args.out, args.quick)  # now and after each later part: a long run cut short keeps what it measured
+    path = result_path(args.out, figures, args.quick)
+    save(figures, path)  # now and after each later part: a long run cut short keeps what it measured
     if args.accuracy_epochs:
         figures["accuracy"] = compare_accuracy(plan.config, data, args.accuracy_epochs, range(args.accuracy_seeds))
-        save(figures, args.out, args.quick)
+        save(figures, path)
     on_gpu = resolve_device(plan.config.device).type == "cuda"
     if wanted(args.seed_trials, on_gpu):
         print(f"timing the seed space's trials, {args.seed_trials_at_once} at a time ...", flush=True)
         figures["seed_trials_without_ray"] = time_seed_trials(data.source, args.seed_trials_at_once, parse_settings(args.set))
-        save(figures, args.out, args.quick)
+        save(figures, path)
     if wanted(args.sweep, on_gpu and importlib.util.find_spec("ray") is not None):
         with tempfile.TemporaryDirectory(prefix="tune_cnn_bench_sweep_") as folder:
             figures["sweep"] = time_seed_sweep(data.source, Path(folder))
-        save(figures, args.out, args.quick)
+        save(figures, path)
     print(format_table(figures))
     print(f"figures: {path}")
 
 
-def save(figures: dict[str, Any], folder: Path, quick: bool) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = result_path(folder, figures, quick)
+def save(figures: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2) + "\n")
-    return path
 
 
 if __name__ == "__main__":
