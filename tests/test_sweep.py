@@ -57,11 +57,12 @@ def test_trial_seed_depends_on_sweep_seed_and_settings_only():
 
 def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Path):
     storage = tmp_path / "results"
-    done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(storage))
+    done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(storage), "--max-concurrent", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     experiment = storage / "quick"
     results = trial_results(experiment)
     assert len(results) == QUICK_TRIALS == load_space("quick").trial_count
+    assert len({history[-1]["pid"] for history in results.values()}) < QUICK_TRIALS  # later trials reuse the first ones' processes
     for name, history in results.items():
         assert [r["epoch"] for r in history] == [1, 2], name
         assert {"val_acc", "val_loss", "test_acc", "trial_seed", "node_id"} <= set(history[-1])
