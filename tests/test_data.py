@@ -31,6 +31,16 @@ def test_image_folder_loads_with_a_stratified_validation_split(image_folder, cac
     assert np.allclose(data.mean, expected_mean)
 
 
+def test_channel_statistics_equal_the_float_mean_and_std():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(50, 3, 8, 8), dtype=np.uint8)
+    x[:, 2] = 7  # a constant channel: its std is floored, so normalising never divides by 0
+    mean, std = data_module.channel_statistics(x)
+    flat = x.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64) / 255
+    assert np.allclose(mean, flat.mean(axis=1), rtol=0, atol=1e-12)
+    assert np.allclose(std[:2], flat[:2].std(axis=1), rtol=0, atol=1e-12) and std[2] == 1e-6
+
+
 def test_pixels_and_labels_match_the_files(image_folder, cache):
     data = load_data(image_folder, cache_dir=cache)
     pixels = np.asarray(Image.open(image_folder / "test" / "dog" / "0000.png")).transpose(2, 0, 1)
