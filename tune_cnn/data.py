@@ -397,8 +397,8 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 def channel_statistics(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale.
 
-    From each channel's histogram of its 256 values: exact, and 0.3 s for CIFAR-10's training split on 2
-    cores, where the float64 mean and std over its 138 MB took 3 s of every load.
+    From each channel's histogram of its 256 values: the float64 mean and std to 1e-16, in 0.3 s for
+    CIFAR-10's training split on 2 cores, where a float pass over its 138 MB took 1.6 s of every load.
     """
     levels = np.arange(256, dtype=np.float64) / 255
     means, stds = [], []
