@@ -1,7 +1,9 @@
-"""Does the machine hold still? The engine trains the same 6,000 images over and over in one process and
-prints each pass's images/s: the same work each time, so any change in speed is the machine's.
+"""Does the machine hold still? The engine trains the same 3,000 images over and over in one process and
+prints each pass's images/s, once per thread count asked for (alternating): the same work each time, so any
+change in speed is the machine's, and the thread counts side by side show whether it is the threads'
+scaling that moved.
 
-    python benchmarks/engine_drift.py [--passes 12] [--flush-denormal] [--data ../shared/data/cifar10-jpeg.tar.gz]
+    python benchmarks/engine_drift.py [--passes 20] [--threads 2 1] [--flush-denormal] [--data ...]
 """
 import argparse
 import time
@@ -11,10 +13,11 @@ import torch
 from tune_cnn.data import load_data, stratified_subset
 from tune_cnn.train import TrainConfig, build_engine
 
-IMAGES = 6000
+IMAGES = 3000
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--passes", type=int, default=12)
+parser.add_argument("--passes", type=int, default=20)
+parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch threads, one pass each per round")
 parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
 parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
 args = parser.parse_args()
@@ -24,9 +27,12 @@ torch.set_flush_denormal(args.flush_denormal)
 engine = build_engine(TrainConfig(batch_size=32), data.shape, data.mean, data.std)
 timed = engine.put(data.train.take(stratified_subset(data.train.y, IMAGES, 0)))
 engine.train_epoch(engine.put(data.train.take(stratified_subset(data.train.y, 320, 1))))  # warm-up
-rates = []
+rates = {threads: [] for threads in args.threads}
 for _ in range(args.passes):
-    start = time.perf_counter()
-    engine.train_epoch(timed)
-    rates.append(IMAGES / (time.perf_counter() - start))
-print(("flush-denormal " if args.flush_denormal else "") + "images/s by pass: " + " ".join(f"{r:,.0f}" for r in rates))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        engine.train_epoch(timed)
+        rates[threads].append(IMAGES / (time.perf_counter() - start))
+for threads, by_pass in rates.items():
+    print(f"{threads} thread(s){' (flush-denormal)' if args.flush_denormal else ''}: " + " ".join(f"{r:,.0f}" for r in by_pass))
