@@ -3,7 +3,7 @@
 # (about 32 MB), a site-packages folder holding Ray 2.60 for CPython 3.12 and the needs of ray[tune] that
 # the machines lack. Ray's wheel (79 MB) is over the 64 MiB a device call may carry, so the parts that a
 # local Tune sweep never loads are left out: the Java jars, RLlib and the dashboard's web client (the
-# sweeps start Ray with include_dashboard=False; tests/test_sweep.py passes without them).
+# sweeps start Ray with include_dashboard=False; two of tests/test_sweep.py's sweeps passed without them).
 # gpu.sh unpacks it when the call carries .whl, and then also times the whole seed sweep through Ray.
 #
 # From the repository root, on a machine with pip and a package registry (takes about 2 minutes):
