@@ -6,12 +6,12 @@ scaling that moved.
     python benchmarks/engine_drift.py [--passes 20] [--threads 2 1] [--flush-denormal] [--data ...]
 """
 import argparse
-import time
 
 import torch
 
+from tune_cnn.bench import engine_runner
 from tune_cnn.data import load_data, stratified_subset
-from tune_cnn.train import TrainConfig, build_engine
+from tune_cnn.train import TrainConfig
 
 IMAGES = 3000
 
@@ -24,15 +24,13 @@ args = parser.parse_args()
 
 data = load_data(args.data)
 torch.set_flush_denormal(args.flush_denormal)
-engine = build_engine(TrainConfig(batch_size=32), data.shape, data.mean, data.std)
-timed = engine.put(data.train.take(stratified_subset(data.train.y, IMAGES, 0)))
-engine.train_epoch(engine.put(data.train.take(stratified_subset(data.train.y, 320, 1))))  # warm-up
+sample = data.train.take(stratified_subset(data.train.y, IMAGES, 0))
+run = engine_runner(TrainConfig(batch_size=32), data, sample, data.train.take(stratified_subset(data.train.y, 320, 1)))
+run()  # the warm-up
 rates = {threads: [] for threads in args.threads}
 for _ in range(args.passes):
     for threads in args.threads:
         torch.set_num_threads(threads)
-        start = time.perf_counter()
-        engine.train_epoch(timed)
-        rates[threads].append(IMAGES / (time.perf_counter() - start))
+        rates[threads].append(IMAGES / run()[0])
 for threads, by_pass in rates.items():
     print(f"{threads} thread(s){' (flush-denormal)' if args.flush_denormal else ''}: " + " ".join(f"{r:,.0f}" for r in by_pass))

@@ -164,7 +164,7 @@ def test_a_sweep_timeline_places_each_trial_from_its_results(tmp_path):
     # Two trials as Tune writes them: one result per epoch, time_total_s counting from the trial's start.
     started_at = 1_800_000_000.0
     for name, ended, epochs in (("a", 40, [3.0, 4.0]), ("b", 60, [5.0, 5.0])):
-        rows = [{"epoch_seconds": s, "time_total_s": 10.0 + sum(epochs[: i + 1]), "timestamp": int(started_at) + ended - 5 + 5 * i}
+        rows = [{"epoch": i + 1, "epoch_seconds": s, "time_total_s": 10.0 + sum(epochs[: i + 1]), "timestamp": int(started_at) + ended - 5 + 5 * i}
                 for i, s in enumerate(epochs)]
         results = tmp_path / name / "result.json"
         results.parent.mkdir()

@@ -199,7 +199,7 @@ def _merge_reports(result_json: str, progress_csv: str) -> list[dict[str, Any]]:
     When Ray retries a trial it copies result.json and progress.csv onto themselves (on local storage the
     "remote" copy is the same file), which can drop earlier lines of either; each file fills the other's gaps.
     """
-    return sorted({**_latest_per_epoch(_csv_reports(progress_csv)), **_latest_per_epoch(_json_reports(result_json))}.values(),
+    return sorted({**_latest_per_epoch(_csv_reports(progress_csv)), **_latest_per_epoch(json_reports(result_json))}.values(),
                   key=lambda r: r["epoch"])
 
 
@@ -207,7 +207,8 @@ def _latest_per_epoch(reports: list[dict[str, Any]]) -> dict[int, dict[str, Any]
     return {int(r["epoch"]): {**r, "epoch": int(r["epoch"])} for r in reports}
 
 
-def _json_reports(text: str) -> list[dict[str, Any]]:
+def json_reports(text: str) -> list[dict[str, Any]]:
+    """The epoch reports in a trial's result.json text, skipping a line a killed driver left half-written."""
     reports = []
     for line in text.splitlines():
         try:

@@ -43,6 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from tune_cnn.analysis import json_reports
 from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
 from tune_cnn.models import InputShape, build_model, training_flops_per_image
@@ -471,7 +472,7 @@ def sweep_timeline(experiment: Path, started_at: float) -> dict[str, Any]:
     trial (set-up, reporting to Tune, checkpoints)."""
     trials = []
     for results in sorted(experiment.glob("*/result.json")):
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        rows = json_reports(results.read_text())
         if not rows:
             continue
         ended = rows[-1]["timestamp"] - started_at
