@@ -104,6 +104,7 @@ def test_seed_space_trials_run_as_plain_processes(tmp_path):
     assert figures["trials"] == 6 and figures["at_once"] == 3 and figures["epochs"] == 1 and figures["batch_size"] == 32
     assert len(figures["val_acc"]) == 6 and all(0 <= a <= 1 for a in figures["val_acc"]) and figures["seconds"] > 0
     assert len(figures["trial_epochs_s"]) == 6 and all(0 < s < figures["seconds"] for s in figures["trial_epochs_s"])
+    assert [len(e) for e in figures["epoch_seconds"]] == [1] * 6
 
 
 @pytest.mark.parametrize(
@@ -158,6 +159,9 @@ def test_the_whole_seed_sweep_is_timed_from_command_to_analysis(tmp_path):
     timeline = figures["timeline"]
     assert 0 < timeline["trials_started_s"][0] <= timeline["trials_started_s"][1] < timeline["trials_ended_s"][1] < figures["seconds"]
     assert all(0 < s for s in timeline["trial_epochs_s"] + timeline["trial_outside_epochs_s"])
+    stamps = [at for at, _ in figures["output"]]
+    assert stamps == sorted(stamps) and 0 < stamps[-1] <= figures["seconds"]
+    assert any(line.startswith("analysis: ") for _, line in figures["output"])
 
 
 def test_a_sweep_timeline_places_each_trial_from_its_results(tmp_path):
@@ -173,3 +177,4 @@ def test_a_sweep_timeline_places_each_trial_from_its_results(tmp_path):
     assert timeline["trials_started_s"] == pytest.approx([23.0, 40.0])  # 40 - 17, 60 - 20
     assert timeline["trials_ended_s"] == pytest.approx([40.0, 60.0])
     assert timeline["trial_epochs_s"] == pytest.approx([7.0, 10.0]) and timeline["trial_outside_epochs_s"] == pytest.approx([10.0, 10.0])
+    assert timeline["trial_setup_s"] == pytest.approx([10.0, 10.0])

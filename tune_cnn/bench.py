@@ -454,22 +454,28 @@ def floor(config: TrainConfig, shape: InputShape, rate: float) -> dict[str, floa
 # --- The whole seed sweep ----------------------------------------------------------------------------------
 
 
-def time_seed_sweep(source: str, folder: Path) -> dict[str, Any]:
-    """Wall clock of `python -m tune_cnn.sweep seed` from the command's start to its analysis written."""
-    command = [sys.executable, "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder), "--name", "bench_seed"]
+def time_seed_sweep(source: str, folder: Path, options: Sequence[str] = ()) -> dict[str, Any]:
+    """Wall clock of `python -m tune_cnn.sweep seed` from the command's start to its analysis written, with the
+    trials' timeline and each line of the sweep's output stamped with when it came (progress tables left out)."""
+    command = [sys.executable, "-u", "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder), "--name", "bench_seed", *options]
     started_at, start = time.time(), time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True)
+    lines: list[tuple[float, str]] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
+        for line in run.stdout:
+            lines.append((round(time.perf_counter() - start, 2), line.rstrip()))
     seconds = time.perf_counter() - start
     analysed = (folder / "bench_seed" / "analysis").is_dir()
     return {"command": " ".join(command[1:]), "seconds": seconds, "returncode": run.returncode, "analysis_written": analysed,
-            "timeline": sweep_timeline(folder / "bench_seed", started_at), "output_tail": (run.stdout + run.stderr)[-2000:]}
+            "timeline": sweep_timeline(folder / "bench_seed", started_at),
+            "output": [(at, line[:200]) for at, line in lines if not line.startswith(("|", "+-"))],
+            "output_tail": "\n".join(line for _, line in lines)[-2000:]}
 
 
 def sweep_timeline(experiment: Path, started_at: float) -> dict[str, Any]:
     """Where a sweep's wall clock went, in seconds from the command's start (`started_at`, time.time()):
     when the trials started and ended (to within a second: Tune stamps each result in whole seconds), and per
     trial the time in its epochs (training and evaluation, as train() measures them) against the rest of the
-    trial (set-up, reporting to Tune, checkpoints)."""
+    trial (set-up, reporting to Tune, checkpoints), and of that the set-up before the first epoch on its own."""
     trials = []
     for results in sorted(experiment.glob("*/result.json")):
         rows = json_reports(results.read_text())
@@ -477,12 +483,13 @@ def sweep_timeline(experiment: Path, started_at: float) -> dict[str, Any]:
             continue
         ended = rows[-1]["timestamp"] - started_at
         total, in_epochs = rows[-1]["time_total_s"], sum(r["epoch_seconds"] for r in rows)
-        trials.append({"started": ended - total, "ended": ended, "epochs": in_epochs, "outside_epochs": total - in_epochs})
+        trials.append({"started": ended - total, "ended": ended, "epochs": in_epochs, "outside_epochs": total - in_epochs,
+                       "setup": rows[0]["time_total_s"] - rows[0]["epoch_seconds"]})
     if not trials:
         return {}
     span = lambda key: [min(t[key] for t in trials), max(t[key] for t in trials)]  # noqa: E731
     return {"trials_started_s": span("started"), "trials_ended_s": span("ended"), "trial_epochs_s": span("epochs"),
-            "trial_outside_epochs_s": span("outside_epochs")}
+            "trial_outside_epochs_s": span("outside_epochs"), "trial_setup_s": span("setup")}
 
 
 def time_seed_trials(source: str, at_once: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -500,7 +507,8 @@ def time_seed_trials(source: str, at_once: int, overrides: dict[str, Any] | None
         histories = list(pool.map(seed_trial, [source] * len(trials), [space.seed] * len(trials), [at_once] * len(trials), trials))
     return {"trials": len(trials), "at_once": at_once, "epochs": trials[0]["epochs"], "batch_size": trials[0]["batch_size"],
             "seconds": time.perf_counter() - start, "val_acc": [h[-1]["val_acc"] for h in histories],
-            "trial_epochs_s": [sum(m["epoch_seconds"] for m in h) for h in histories]}
+            "trial_epochs_s": [sum(m["epoch_seconds"] for m in h) for h in histories],
+            "epoch_seconds": [[round(m["epoch_seconds"], 3) for m in h] for h in histories]}
 
 
 def seed_trial(source: str, split_seed: int, at_once: int, settings: dict[str, Any]) -> list[dict[str, float]]:
@@ -585,7 +593,8 @@ def format_table(figures: dict[str, Any]) -> str:
             t = s["timeline"]
             span = lambda key: f"{t[key][0]:.1f}-{t[key][1]:.1f} s"  # noqa: E731
             lines.append(f"  trials started at {span('trials_started_s')} and ended at {span('trials_ended_s')} after the command's "
-                         f"start; in their epochs {span('trial_epochs_s')} each, outside them {span('trial_outside_epochs_s')}")
+                         f"start; in their epochs {span('trial_epochs_s')} each, outside them {span('trial_outside_epochs_s')} "
+                         f"(set-up before the first epoch {span('trial_setup_s')})")
     return "\n".join(lines)
 
 
