@@ -15,16 +15,14 @@
 #   device run, carry [".data", ".whl"], timeout_s 560:  BUDGET_S=530 bash benchmarks/gpu.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source benchmarks/gpu-env.sh
 out=${OUT:-benchmarks/results/gpu}
 data=${DATA:-.data/cifar10-jpeg.tar.gz}
 budget_s=${BUDGET_S:-420}
 mkdir -p "$out/side" "$out/mps"
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-if [ -f .whl/site.tar.xz ]; then
-    mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PYTHONPATH
-    python3 -c "import ray, ray.tune; print('ray', ray.__version__)"
-fi
+unpack_ray || echo "gpu.sh: no Ray carried: no sweep through Ray"
 
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
 echo "gpu.sh: CUDA tests exit ${PIPESTATUS[0]} after ${SECONDS} s"
@@ -33,14 +31,10 @@ timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --concu
     | tee "$out/side/bench.log"
 echo "gpu.sh: side by side done after ${SECONDS} s"
 
-if command -v nvidia-cuda-mps-control >/dev/null; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-    nvidia-cuda-mps-control -d && echo "gpu.sh: MPS started"
+if start_mps; then
     timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --variants --images 22500 --rounds 1 \
         --concurrency 1 2 4 8 --seed-trials yes --seed-trials-at-once 6 --out "$out/mps" 2>&1 | tee "$out/mps/bench.log"
-    echo quit | nvidia-cuda-mps-control
-    tail -5 $CUDA_MPS_LOG_DIRECTORY/control.log 2>/dev/null
+    stop_mps
 else
     echo "gpu.sh: no nvidia-cuda-mps-control here: no MPS stage"
 fi
