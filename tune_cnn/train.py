@@ -225,17 +225,8 @@ def normalise_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return (x.to(memory_format=memory_format).float() - mean) / std
 
 
-def gather_batch(data: DeviceData, index: torch.Tensor, augment: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The uint8 images and labels at `index`, augmented on the device when `augment` asks for it."""
-    x = data.x[index]
-    return (x if augment == "none" else augment_batch(x, augment)), data.y[index]
-
-
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (zero fill) and/or horizontal flip, for a whole uint8 batch.
-
-    Training draws from torch's default generator (seeded and checkpointed with the run), as dropout does: it is
-    the one a CUDA graph can replay with fresh numbers each time."""
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero fill) and/or horizontal flip, for a whole uint8 batch."""
     n, c, h, w = x.shape
     if "crop" in kind:
         padded = F.pad(x, (pad, pad, pad, pad))
@@ -309,7 +300,7 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     engine = Engine(config, device, model, compiled(model, config, device), optimizer, shuffle, autocast,
                     _pixel_scale(mean, device), _pixel_scale(std, device))
     if config.cuda_graph and device.type == "cuda":
-        engine.graph = StepGraph(engine)
+        engine.graph = StepGraph(engine, shape)
     return engine
 
 
@@ -398,18 +389,21 @@ def train(
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceData, config: TrainConfig,
                 generator: torch.Generator, autocast, graph: StepGraph | None = None) -> tuple[float, float]:
-    """One pass in an order shuffled with `generator`; returns the mean training loss and accuracy. With `graph`,
-    the full batches replay its captured steps and only a short last batch runs eagerly."""
+    """One shuffled pass; returns the mean training loss and accuracy. With `graph`, full batches replay the
+    captured step and only a short last batch runs eagerly."""
     model.train()
     order = torch.randperm(len(data), device=data.x.device, generator=generator)
     totals = graph.totals if graph else EpochTotals(data.x.device)
     totals.zero_()
-    if graph:
-        full = len(data) // config.batch_size * config.batch_size
-        graph.train(data, order[:full].view(-1, config.batch_size))
-        order = order[full:]
-    for index in order.split(config.batch_size):
-        train_step(model, optimizer, data.normalise, *gather_batch(data, index, config.augment), autocast, totals)
+    for start in range(0, len(data), config.batch_size):
+        index = order[start : start + config.batch_size]
+        x, y = data.x[index], data.y[index]
+        if config.augment != "none":
+            x = augment_batch(x, config.augment, generator)
+        if graph and len(index) == config.batch_size:
+            graph.step(x, y)
+        else:
+            train_step(model, optimizer, data.normalise, x, y, autocast, totals)
     return totals.loss.item() / len(data), totals.correct.item() / len(data)
 
 
@@ -439,78 +433,56 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, normalise: Ca
 
 
 class StepGraph:
-    """The training steps of full batches captured as CUDA graphs and replayed: STEPS_PER_REPLAY steps per
-    replay, then single steps for the rest of the epoch.
+    """The whole training step of a full batch (normalise, forward, loss, backward, optimizer step, totals)
+    captured once as a CUDA graph and replayed for every later full batch.
 
     At batch 32 an eager step is dozens of tiny kernels, each paying Python dispatch and a launch; a replay
-    launches them all at once. Each captured step also gathers its own batch (the batch index comes from the
-    epoch's order, copied in before the replays, at a step counter that lives on the device), so an epoch
-    launches one graph per STEPS_PER_REPLAY batches and nothing else. Measured on an H200 (seed model) with one
-    step per replay and the batch gathered outside it: 100,279 images/s against the eager engine's 15,055.
+    is one launch. Measured on an H200 (seed model): 100,279 images/s against the eager engine's 15,055.
     The first WARMUP_STEPS full batches run eagerly on a side stream, as capture requires (cuDNN's
     autotuning, cuBLAS handles and the optimizer's state must exist first); they are ordinary training
     steps, so the run takes the same steps as the eager engine.
     """
 
     WARMUP_STEPS = 3
-    STEPS_PER_REPLAY = 16
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.normalise = partial(normalise_pixels, mean=engine.mean, std=engine.std)
-        self.totals = EpochTotals(engine.device)
-        self.cursor = torch.zeros(1, dtype=torch.int64, device=engine.device)  # the next row of self.batches
-        self.data: DeviceData | None = None
-        self.batches = torch.empty(0)  # one row of image indices per full batch: the graphs read it
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by steps per replay
-        self.captured_grads: dict[int, list[torch.Tensor | None]] = {}
-        self.eager_steps, self.replays = 0, 0  # replays: steps replayed
+    def __init__(self, engine: Engine, shape: InputShape):
+        batch, device = engine.config.batch_size, engine.device
+        self.x = torch.zeros((batch, shape.channels, shape.height, shape.width), dtype=torch.uint8, device=device)
+        self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.totals = EpochTotals(device)
+        normalise = partial(normalise_pixels, mean=engine.mean, std=engine.std)
+        self.run = lambda: train_step(engine.step, engine.optimizer, normalise, self.x, self.y, engine.autocast, self.totals)
+        self.parameters = list(engine.model.parameters())
+        self.eager_steps, self.replays = 0, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
 
-    def train(self, data: DeviceData, batches: torch.Tensor) -> None:
-        """One step per row of `batches` (image indices into `data`), in order."""
-        if data is not self.data or batches.shape != self.batches.shape:  # the graphs read data and batches in place
-            self.data, self.batches, self.graphs = data, torch.empty_like(batches), {}
-        self.batches.copy_(batches)
-        self.cursor.zero_()
-        left = len(batches)
-        while left and self.eager_steps < self.WARMUP_STEPS:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if self.graph is None and self.eager_steps < self.WARMUP_STEPS:
             self._eager_on_side_stream()
-            left -= 1
-        for steps in (self.STEPS_PER_REPLAY, 1):
-            for _ in range(left // steps):
-                self._replay(steps)
-            left %= steps
-
-    def _run(self, steps: int) -> None:
-        engine = self.engine
-        for _ in range(steps):
-            index = self.batches.index_select(0, self.cursor).view(-1)
-            self.cursor.add_(1)
-            x, y = gather_batch(self.data, index, engine.config.augment)
-            train_step(engine.step, engine.optimizer, self.normalise, x, y, engine.autocast, self.totals)
+            return
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        self.replays += 1
 
     def _eager_on_side_stream(self) -> None:
-        side = torch.cuda.Stream(self.cursor.device)
+        side = torch.cuda.Stream(self.x.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*capturable=True.*")  # torch warns once: we capture right after
-            self._run(1)
+            self.run()
         torch.cuda.current_stream().wait_stream(side)
         self.eager_steps += 1
 
-    def _replay(self, steps: int) -> None:
-        if steps not in self.graphs:
-            self._capture(steps)
-        self.graphs[steps].replay()
-        self.replays += steps
-
-    def _capture(self, steps: int) -> None:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run(steps)
-        self.graphs[steps] = graph
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run()
         # The captured gradients live in the graph's memory; an eager short batch replaces .grad, so hold them.
-        self.captured_grads[steps] = [p.grad for p in self.engine.model.parameters()]
+        self.captured_grads = [p.grad for p in self.parameters]
 
 
 @torch.inference_mode()  # a few percent faster than no_grad on the CPU (measured)
