@@ -23,7 +23,6 @@ from typing import Any
 
 import yaml
 
-from tune_cnn.analysis import METADATA_FILE, write_analysis
 from tune_cnn.data import DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
@@ -129,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_trials(space, data))
         return 0
+    print(data.describe(), flush=True)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     experiment = Experiment(args.storage, args.name or space.name)
@@ -203,6 +203,8 @@ class Experiment:
         return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
     def read_metadata(self) -> dict[str, Any] | None:
+        from tune_cnn.analysis import METADATA_FILE
+
         fs, path = self._fs()
         try:
             with fs.open_input_stream(f"{path}/{METADATA_FILE}") as f:
@@ -211,6 +213,8 @@ class Experiment:
             return None
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
+        from tune_cnn.analysis import METADATA_FILE
+
         with self._writing(started=False):
             fs, path = self._fs()
             fs.create_dir(path, recursive=True)
@@ -486,6 +490,8 @@ def print_best(results, space: SearchSpace) -> None:
 
 
 def print_analysis(experiment: Experiment) -> None:
+    from tune_cnn.analysis import write_analysis
+
     try:
         print(f"analysis: {write_analysis(experiment.path)}")
     except TuneCnnError as error:  # e.g. every trial errored: the sweep's own outcome still stands
