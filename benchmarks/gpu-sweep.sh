@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Where the whole seed sweep's wall clock goes on the lent GPU machine, under CUDA MPS, in one call:
-#   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume);
-#   2. the seed space's six trials as plain processes (no Ray), six at once, for $EPOCHS epochs (default 5):
-#      with the tune_cnn in $BASELINE first where that folder is carried (an earlier commit, for a before and
-#      after on one machine), then this tune_cnn, then this one with compile=true;
-#   3. the whole seed sweep through Ray, 30 epochs (bench --sweep yes): wall clock from command to analysis,
-#      the trials' timeline and the sweep's output lines stamped with when they came.
-# nvidia-smi samples the GPU's utilisation and power every 500 ms throughout, into $OUT/nvidia-smi.csv.
+#   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume); TESTS=no skips them;
+#   2. the whole seed sweep through Ray, 30 epochs: wall clock from command to analysis, the trials' timeline
+#      and the sweep's output lines stamped with when they came (bench.time_seed_sweep), into sweep.json;
+#   3. the seed space's six trials as plain processes, six at once, each timing its phases for $PHASES_EPOCHS
+#      epochs (default 3; benchmarks/trial_phases.py): with the tune_cnn in $BASELINE first where that folder
+#      is carried (an earlier commit's, for a before and after on one machine), then this one, then this one
+#      with cuDNN's heuristics instead of its timed choice of algorithms.
+# nvidia-smi samples the GPU's utilisation and power every 500 ms throughout. At most 8 files come back from
+# a device call, so everything lands in $OUT itself.
 #
 # From the repository root on the machine with the device tool (ray-bundle.sh builds .whl/site.tar.xz):
 #   bash benchmarks/ray-bundle.sh; mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
 #   optional baseline: mkdir -p .whl/old && git archive COMMIT tune_cnn | tar x -C .whl/old
-#   device run, carry [".data", ".whl"], timeout_s 420:  BASELINE=.whl/old bash benchmarks/gpu-sweep.sh
+#   device run, carry [".data", ".whl"], timeout_s 300:  BASELINE=.whl/old bash benchmarks/gpu-sweep.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 source benchmarks/gpu-env.sh
 out=${OUT:-benchmarks/results/gpu-sweep}
 data=${DATA:-.data/cifar10-jpeg.tar.gz}
-epochs=${EPOCHS:-5}
 mkdir -p "$out"
 nvidia-smi -L
 nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv -lms 500 > "$out/nvidia-smi.csv" &
@@ -25,22 +26,37 @@ unpack_ray || { echo "gpu-sweep.sh: needs Ray: run benchmarks/ray-bundle.sh and 
 echo "gpu-sweep.sh: Ray ready after ${SECONDS} s"
 start_mps
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
-echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
+if [ "${TESTS:-yes}" != no ]; then
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
+    echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
+fi
 
-plain_trials() {  # LABEL CODE [--set ...]: the six trials at once with the tune_cnn found first in CODE
-    local label=$1 code=$2
-    shift 2
-    PYTHONPATH=$code:$PYTHONPATH timeout 150 python3 -m tune_cnn.bench --data "$data" --images 640 --rounds 1 --variants \
-        --concurrency --seed-trials yes --seed-trials-at-once 6 --sweep no --out "$out/$label" "$@" 2>&1 | tee "$out/$label.log"
-    echo "gpu-sweep.sh: $label done after ${SECONDS} s"
+# A fresh machine decodes the archive into its cache on the first load (about 20 s): not the sweep's to pay.
+python3 -c "import sys; from tune_cnn.data import load_data; print(load_data(sys.argv[1]).describe())" "$data"
+echo "gpu-sweep.sh: data cached after ${SECONDS} s"
+timeout 150 python3 - "$data" "$out/sweep.json" <<'PY'
+import json, sys, tempfile
+from pathlib import Path
+from tune_cnn.bench import time_seed_sweep
+with tempfile.TemporaryDirectory() as folder:
+    figures = time_seed_sweep(sys.argv[1], Path(folder))
+Path(sys.argv[2]).write_text(json.dumps(figures, indent=1) + "\n")
+print(f"seed sweep: {figures['seconds']:.1f} s, exit {figures['returncode']}; timeline {json.dumps(figures['timeline'])}")
+for at, line in figures["output"]:
+    if not line.startswith(("Current time", "Using FIFO", "Logical resource", "Result logdir", "Current best")) and line.strip():
+        print(f"{at:7.2f}  {line[:140]}")
+PY
+echo "gpu-sweep.sh: sweep done after ${SECONDS} s"
+
+phases() {  # NAME [options]
+    local name=$1
+    shift
+    timeout 120 python3 benchmarks/trial_phases.py --data "$data" --at-once 6 --epochs "${PHASES_EPOCHS:-3}" --out "$out/phases-$name.json" "$@"
+    echo "gpu-sweep.sh: phases $name done after ${SECONDS} s"
 }
-[ -n "${BASELINE:-}" ] && plain_trials baseline "$BASELINE" --set epochs=$epochs
-plain_trials engine "$PWD" --set epochs=$epochs
-plain_trials compile "$PWD" --set epochs=$epochs compile=true
-
-timeout 200 python3 -m tune_cnn.bench --data "$data" --images 640 --rounds 1 --variants --concurrency --seed-trials no \
-    --sweep yes --out "$out/sweep" 2>&1 | tee "$out/sweep.log"
+[ -n "${BASELINE:-}" ] && phases baseline --code "$BASELINE"
+phases engine
+phases heuristics --no-cudnn-benchmark
 stop_mps
 kill %1
 echo "gpu-sweep.sh: ${SECONDS} s in all"
