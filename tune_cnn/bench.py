@@ -454,10 +454,10 @@ def floor(config: TrainConfig, shape: InputShape, rate: float) -> dict[str, floa
 # --- The whole seed sweep ----------------------------------------------------------------------------------
 
 
-def time_seed_sweep(source: str, folder: Path, options: Sequence[str] = ()) -> dict[str, Any]:
+def time_seed_sweep(source: str, folder: Path) -> dict[str, Any]:
     """Wall clock of `python -m tune_cnn.sweep seed` from the command's start to its analysis written, with the
     trials' timeline and each line of the sweep's output stamped with when it came (progress tables left out)."""
-    command = [sys.executable, "-u", "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder), "--name", "bench_seed", *options]
+    command = [sys.executable, "-u", "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder), "--name", "bench_seed"]
     started_at, start = time.time(), time.perf_counter()
     lines: list[tuple[float, str]] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:

@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_trials(space, data))
         return 0
-    print(data.describe(), flush=True)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     experiment = Experiment(args.storage, args.name or space.name)
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
+    print(data.describe(), flush=True)
     results = run_sweep(space, data, experiment, args)
     experiment.check_writable()  # trials that could not save have errored; say why, once
     return report_results(results, space, experiment)
