@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Where the whole seed sweep's wall clock goes on the lent GPU machine, under CUDA MPS, in one call:
 #   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume); TESTS=no skips them;
+#      with ONE_TRIAL=yes, then one trial of the seed model alone (no MPS) for 5 epochs, cuDNN's algorithms timed
+#      and heuristic (benchmarks/trial_phases.py): whether the one-trial figure holds without the timing;
 #   2. the whole seed sweep through Ray, 30 epochs: wall clock from command to analysis, the trials' timeline
 #      and the sweep's output lines stamped with when they came (bench.time_seed_sweep), into sweep.json;
 #   3. the seed space's six trials as plain processes, six at once, each timing its phases for $PHASES_EPOCHS
@@ -24,16 +26,23 @@ nvidia-smi -L
 nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv -lms 500 > "$out/nvidia-smi.csv" &
 unpack_ray || { echo "gpu-sweep.sh: needs Ray: run benchmarks/ray-bundle.sh and carry .whl"; exit 1; }
 echo "gpu-sweep.sh: Ray ready after ${SECONDS} s"
-start_mps
+# A fresh machine decodes the archive into its cache on the first load (about 20 s): not the timings' to pay.
+python3 -c "import sys; from tune_cnn.data import load_data; print(load_data(sys.argv[1]).describe())" "$data"
+echo "gpu-sweep.sh: data cached after ${SECONDS} s"
 
 if [ "${TESTS:-yes}" != no ]; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
     echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
 fi
+if [ "${ONE_TRIAL:-no}" = yes ]; then
+    for choice in "" --no-cudnn-benchmark; do
+        timeout 90 python3 benchmarks/trial_phases.py --data "$data" --at-once 1 --epochs 5 --set padding=valid \
+            --out "$out/one-trial${choice:+-heuristics}.json" $choice
+    done
+    echo "gpu-sweep.sh: one trial done after ${SECONDS} s"
+fi
+start_mps
 
-# A fresh machine decodes the archive into its cache on the first load (about 20 s): not the sweep's to pay.
-python3 -c "import sys; from tune_cnn.data import load_data; print(load_data(sys.argv[1]).describe())" "$data"
-echo "gpu-sweep.sh: data cached after ${SECONDS} s"
 timeout 150 python3 - "$data" "$out/sweep.json" <<'PY'
 import json, sys, tempfile
 from pathlib import Path

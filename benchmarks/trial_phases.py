@@ -3,7 +3,10 @@ sweep packs them on one GPU), each timing its phases: importing torch and tune_c
 data, building the engine, putting the data on the device, then each epoch's training pass and evaluation.
 Prints one line per trial and writes the figures as JSON.
 
-    python benchmarks/trial_phases.py [--at-once 6] [--epochs 3] [--no-cudnn-benchmark] [--code DIR] [--data ...] [--out FILE]
+    python benchmarks/trial_phases.py [--at-once 6] [--epochs 3] [--no-cudnn-benchmark] [--set NAME=VALUE ...]
+                                      [--code DIR] [--data ...] [--out FILE]
+
+--set changes every trial's settings: `--at-once 1 --set padding=valid` is one trial of the seed model itself.
 
 --code DIR times the tune_cnn package found in DIR (an earlier commit's, from `git archive COMMIT tune_cnn`)
 instead of this checkout's: a before and after on one machine.
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--at-once", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="let cuDNN choose by heuristics instead of timing")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="settings for every trial, as for tune_cnn.train")
     parser.add_argument("--code", type=Path, default=None, help="import tune_cnn from this folder instead")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
@@ -68,8 +72,10 @@ def main() -> None:
     if args.at_once < 1 or args.epochs < 1:
         raise ConfigError(f"--at-once {args.at_once} or --epochs {args.epochs} is out of range; use 1 or more")
     from tune_cnn.space import load_space
+    from tune_cnn.train import TrainConfig, parse_settings
 
-    trials = load_space("seed").grid_trials()[: args.at_once]
+    overrides = parse_settings(args.set)
+    trials = [TrainConfig.from_flat({**t, **overrides}).flat() for t in load_space("seed").grid_trials()[: args.at_once]]
     code = (f"import json, sys; sys.path.insert(0, {str(args.code.resolve()) if args.code else ''!r}); "
             "from benchmarks.trial_phases import trial; print(json.dumps(trial(*json.loads(sys.argv[1]))))")
     started = time.time()
