@@ -47,8 +47,8 @@ def trial(settings: dict, source: str, epochs: int, cudnn_benchmark: bool, start
     torch.backends.cudnn.benchmark = cudnn_benchmark
     lap("build_engine")
     splits = {name: engine.put(getattr(data, name)) for name in ("train", "val", "test")}
-    synchronize = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    synchronize()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
     lap("data_to_device")
     for epoch in range(1, epochs + 1):
         engine.train_epoch(splits["train"])
