@@ -71,10 +71,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.at_once < 1 or args.epochs < 1:
         raise ConfigError(f"--at-once {args.at_once} or --epochs {args.epochs} is out of range; use 1 or more")
+    from tune_cnn.data import load_data
     from tune_cnn.space import load_space
     from tune_cnn.train import TrainConfig, parse_settings
 
     overrides = parse_settings(args.set)
+    load_data(args.data)  # a bad --data is one line here, and the trials find the archive decoded in the cache
     trials = [TrainConfig.from_flat({**t, **overrides}).flat() for t in load_space("seed").grid_trials()[: args.at_once]]
     code = (f"import json, sys; sys.path.insert(0, {str(args.code.resolve()) if args.code else ''!r}); "
             "from benchmarks.trial_phases import trial; print(json.dumps(trial(*json.loads(sys.argv[1]))))")
@@ -83,7 +85,10 @@ def main() -> None:
                              cwd=ROOT, stdout=subprocess.PIPE, text=True) for t in trials]
     figures = {"at_once": args.at_once, "cudnn_benchmark": not args.no_cudnn_benchmark, "trials": []}
     for settings, run in zip(trials, runs):
-        timed = json.loads(run.communicate()[0].strip().splitlines()[-1])
+        output = run.communicate()[0].strip().splitlines()
+        if run.returncode != 0 or not output:
+            raise RuntimeError(f"the trial {settings['pooling']}/{settings['conv_width']} failed with exit code {run.returncode}; its error is above")
+        timed = json.loads(output[-1])
         figures["trials"].append({"settings": settings, **timed})
         print(f"{settings['pooling']}/{settings['conv_width']}: " + "  ".join(f"{k} {v:.2f}" for k, v in timed["phases"].items()))
     if args.out:
