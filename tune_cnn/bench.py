@@ -48,7 +48,7 @@ from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
 from tune_cnn.models import InputShape, build_model, training_flops_per_image
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
-from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, make_optimizer, parse_settings,
+from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, optimizer_settings, parse_settings,
                             resolve_device, train)
 
 EPOCH_IMAGES = 50_000  # the "seconds per epoch" column is for a 50,000-image epoch, as the issue states targets
@@ -140,7 +140,8 @@ def reference_model(config: TrainConfig, shape: InputShape) -> tuple[torch.nn.Mo
     """The same model, initialisation and optimizer settings as the engine; torch's default kernels, fp32, NCHW."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, shape).to(resolve_device(config.device))
-    return model, make_optimizer(config, model, fused=False)
+    optimizer = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+    return model, optimizer(model.parameters(), **optimizer_settings(config))
 
 
 def reference_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:

@@ -1,0 +1,103 @@
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tune_cnn.models import InputShape, ModelConfig, build_model
+from tune_cnn.optim import FusedAdamW, FusedSGD
+from tune_cnn.train import TrainConfig, make_optimizer, optimizer_settings
+
+from conftest import ROOT
+
+SHAPE = InputShape(channels=3, height=20, width=20, classes=4)
+SETTINGS = {
+    "adam": {"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.05},
+    "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+    "sgd, no momentum": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0},
+}
+
+
+def twin_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two copies of a small seed-style model with the same weights, in channels_last as the engine keeps them."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(batch_norm=True), SHAPE).to(memory_format=torch.channels_last)
+    twin = build_model(ModelConfig(batch_norm=True), SHAPE).to(memory_format=torch.channels_last)
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def torch_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    kind = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+    return kind(model.parameters(), **optimizer_settings(config), fused=True)
+
+
+def train_steps(model: torch.nn.Module, optimizer, steps: int, seed: int, skip_head_at: int | None = None) -> None:
+    """`steps` steps on fixed random batches; at step `skip_head_at` the last layer gets no gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    head = list(model.parameters())[-2:]
+    for step in range(steps):
+        x = torch.randn(8, 3, 20, 20, generator=generator).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 4, (8,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if step == skip_head_at:
+            for p in head:
+                p.grad = None
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_steps_are_bit_for_bit_torch_optims(name):
+    config = TrainConfig.from_flat(SETTINGS[name])
+    ours, theirs = twin_models()
+    train_steps(ours, make_optimizer(config, ours), steps=6, seed=1, skip_head_at=2)
+    train_steps(theirs, torch_optimizer(config, theirs), steps=6, seed=1, skip_head_at=2)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert not torch.equal(next(ours.parameters()), next(twin_models()[0].parameters())), "the steps changed nothing"
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """Through torch.save and torch.load(weights_only=True), as a checkpoint goes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("direction", ["ours to torch.optim", "torch.optim to ours"])
+def test_a_checkpoint_moves_between_ours_and_torch_optim_and_training_goes_on_the_same(name, direction):
+    config = TrainConfig.from_flat(SETTINGS[name])
+    first, second = twin_models()
+    make_first, make_second = (make_optimizer, torch_optimizer) if direction == "ours to torch.optim" else (torch_optimizer, make_optimizer)
+    optimizer = make_first(config, first)
+    train_steps(first, optimizer, steps=3, seed=2)
+    second.load_state_dict(first.state_dict())
+    moved = make_second(config, second)
+    moved.load_state_dict(saved_and_loaded(optimizer.state_dict()))
+    train_steps(first, optimizer, steps=3, seed=3)
+    train_steps(second, moved, steps=3, seed=3)
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_a_state_for_another_model_is_refused():
+    small, _ = twin_models()
+    optimizer = FusedAdamW(small.parameters(), lr=1e-3, eps=1e-7, weight_decay=0.0)
+    other = FusedSGD(list(small.parameters())[:2], lr=0.1, momentum=0.9, weight_decay=0.0)
+    with pytest.raises(ValueError, match="for 2 parameters, this model has"):
+        optimizer.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_training_never_imports_torch_dynamo(optimizer):
+    """The reason for tune_cnn.optim: torch.optim.Optimizer imports torch._dynamo (about a second) on first use."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import synthetic_splits; from tune_cnn.train import TrainConfig, train; "
+            f"train(TrainConfig.from_flat({{'epochs': 2, 'optimizer': {optimizer!r}}}), synthetic_splits(100, 20, 20), "
+            "lambda metrics, folder: None); print('torch._dynamo' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
