@@ -50,7 +50,8 @@ from tune_cnn.bench import time_seed_sweep
 with tempfile.TemporaryDirectory() as folder:
     figures = time_seed_sweep(sys.argv[1], Path(folder))
 Path(sys.argv[2]).write_text(json.dumps(figures, indent=1) + "\n")
-print(f"seed sweep: {figures['seconds']:.1f} s, exit {figures['returncode']}; timeline {json.dumps(figures['timeline'])}")
+print(f"seed sweep: analysis written at {figures['analysis_written_s']} s, {figures['seconds']:.1f} s to exit {figures['returncode']}; "
+      f"timeline {json.dumps(figures['timeline'])}")
 for at, line in figures["output"]:
     if not line.startswith(("Current time", "Using FIFO", "Logical resource", "Result logdir", "Current best")) and line.strip():
         print(f"{at:7.2f}  {line[:140]}")

@@ -162,6 +162,7 @@ def test_the_whole_seed_sweep_is_timed_from_command_to_analysis(tmp_path):
     stamps = [at for at, _ in figures["output"]]
     assert stamps == sorted(stamps) and 0 < stamps[-1] <= figures["seconds"]
     assert any(line.startswith("analysis: ") for _, line in figures["output"])
+    assert timeline["trials_ended_s"][1] < figures["analysis_written_s"] <= figures["seconds"]
 
 
 def test_a_sweep_timeline_places_each_trial_from_its_results(tmp_path):

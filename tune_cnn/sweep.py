@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
     print(data.describe(), flush=True)
-    results = run_sweep(space, data, experiment, args)
-    experiment.check_writable()  # trials that could not save have errored; say why, once
-    return report_results(results, space, experiment)
+    # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
+    with ray_session(args.address):
+        results = run_sweep(space, data, experiment, args)
+        experiment.check_writable()  # trials that could not save have errored; say why, once
+        return report_results(results, space, experiment)
 
 
 # --- Dry run -----------------------------------------------------------------------------------------------
@@ -279,6 +281,21 @@ def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
 # --- Ray ---------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def ray_session(address: str | None):
+    """Ray for the length of the block: started here and shut down after it, or joined at `address`."""
+    import ray
+
+    # The compact CLIReporter table needs Tune's classic output engine; set before Ray starts its processes.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = connect_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def connect_ray(address: str | None) -> bool:
     """Start Ray locally, or join the cluster at `address`; True when this call started the session."""
     import ray
@@ -417,28 +434,20 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, res
 
 
 def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args: argparse.Namespace):
-    import ray
     from ray.tune import Tuner
 
-    # The compact CLIReporter table needs Tune's classic output engine.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # After Ctrl-C, trials that never started have no results; Ray warns about each, with a FileNotFoundError,
     # every time the results are read. report_results says which trials did not finish and how to resume.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    started = connect_ray(args.address)
-    try:
-        resources = trial_resources(space)
-        warn_if_storage_is_not_shared(experiment)
-        if args.resume:
-            restored = make_trainable(space, data, resources)
-            tuner = Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True)
-        else:
-            experiment.write_metadata(sweep_metadata(space, data))
-            tuner = make_tuner(space, data, experiment, resources, args.max_concurrent)
-        return tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
+    resources = trial_resources(space)
+    warn_if_storage_is_not_shared(experiment)
+    if args.resume:
+        restored = make_trainable(space, data, resources)
+        tuner = Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True)
+    else:
+        experiment.write_metadata(sweep_metadata(space, data))
+        tuner = make_tuner(space, data, experiment, resources, args.max_concurrent)
+    return tuner.fit()
 
 
 def warn_if_storage_is_not_shared(experiment: Experiment) -> None:
@@ -499,4 +508,7 @@ def print_analysis(experiment: Experiment) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # Python's last collections at exit would walk every object torch, Ray and pandas made: 0.5 s (measured).
+    gc.freeze()
+    raise SystemExit(code)
