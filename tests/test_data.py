@@ -31,7 +31,9 @@ def test_image_folder_loads_with_a_stratified_validation_split(image_folder, cac
     assert np.allclose(data.mean, expected_mean)
 
 
-def test_channel_statistics_equal_the_float_mean_and_std():
+@pytest.mark.parametrize("chunk", [data_module.STATISTICS_CHUNK, 7])  # one chunk, and several with a short last one
+def test_channel_statistics_equal_the_float_mean_and_std(monkeypatch, chunk):
+    monkeypatch.setattr(data_module, "STATISTICS_CHUNK", chunk)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(50, 3, 8, 8), dtype=np.uint8)
     x[:, 2] = 7  # a constant channel: its std is floored, so normalising never divides by 0
