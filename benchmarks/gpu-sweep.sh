@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Where the whole seed sweep's wall clock goes on the lent GPU machine, under CUDA MPS, in one call:
-#   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume); TESTS=no skips them;
+#   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume; the optimizers
+#      against torch.optim's); TESTS=no skips them;
 #      with ONE_TRIAL=yes, then one trial of the seed model alone (no MPS) for 5 epochs, cuDNN's algorithms timed
 #      and heuristic (benchmarks/trial_phases.py): whether the one-trial figure holds without the timing;
 #   2. the whole seed sweep through Ray, 30 epochs: wall clock from command to analysis, the trials' timeline
@@ -8,7 +9,8 @@
 #   3. the seed space's six trials as plain processes, six at once, each timing its phases for $PHASES_EPOCHS
 #      epochs (default 3; benchmarks/trial_phases.py): with the tune_cnn in $BASELINE first where that folder
 #      is carried (an earlier commit's, for a before and after on one machine), then this one, then this one
-#      with cuDNN's heuristics instead of its timed choice of algorithms.
+#      in fp32 (no bf16 casts: fewer kernels per step, which may matter more than each kernel's speed with six
+#      trials sharing the GPU). Session 6 timed cuDNN's heuristics here (trial_phases.py --no-cudnn-benchmark).
 # nvidia-smi samples the GPU's utilisation and power every 500 ms throughout. At most 8 files come back from
 # a device call, so everything lands in $OUT itself.
 #
@@ -31,7 +33,7 @@ python3 -c "import sys; from tune_cnn.data import load_data; print(load_data(sys
 echo "gpu-sweep.sh: data cached after ${SECONDS} s"
 
 if [ "${TESTS:-yes}" != no ]; then
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_optim.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
     echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
 fi
 if [ "${ONE_TRIAL:-no}" = yes ]; then
@@ -66,7 +68,7 @@ phases() {  # NAME [options]
 }
 [ -n "${BASELINE:-}" ] && phases baseline --code "$BASELINE"
 phases engine
-phases heuristics --no-cudnn-benchmark
+phases fp32 --set precision=fp32
 stop_mps
 kill %1
 echo "gpu-sweep.sh: ${SECONDS} s in all"

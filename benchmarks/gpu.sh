@@ -24,7 +24,7 @@ nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 unpack_ray || echo "gpu.sh: no Ray carried: no sweep through Ray"
 
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_optim.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
 echo "gpu.sh: CUDA tests exit ${PIPESTATUS[0]} after ${SECONDS} s"
 
 timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --concurrency --seed-trials no --sweep no --out "$out/side" 2>&1 \

@@ -19,27 +19,33 @@ SETTINGS = {
 }
 
 
-def twin_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def twin_models(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     """Two copies of a small seed-style model with the same weights, in channels_last as the engine keeps them."""
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(batch_norm=True), SHAPE).to(memory_format=torch.channels_last)
-    twin = build_model(ModelConfig(batch_norm=True), SHAPE).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(batch_norm=True), SHAPE).to(device, memory_format=torch.channels_last)
+    twin = build_model(ModelConfig(batch_norm=True), SHAPE).to(device, memory_format=torch.channels_last)
     twin.load_state_dict(model.state_dict())
     return model, twin
 
 
 def torch_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    kind = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
-    return kind(model.parameters(), **optimizer_settings(config), fused=True)
+    """torch.optim's fused optimizer as the engine's stands in for it (capturable AdamW on CUDA)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), **optimizer_settings(config), fused=True)
+    capturable = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), **optimizer_settings(config), fused=True, capturable=capturable)
 
 
 def train_steps(model: torch.nn.Module, optimizer, steps: int, seed: int, skip_head_at: int | None = None) -> None:
     """`steps` steps on fixed random batches; at step `skip_head_at` the last layer gets no gradient."""
     generator = torch.Generator().manual_seed(seed)
-    head = list(model.parameters())[-2:]
+    head, device = list(model.parameters())[-2:], next(model.parameters()).device
     for step in range(steps):
-        x = torch.randn(8, 3, 20, 20, generator=generator).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 4, (8,), generator=generator)
+        x = torch.randn(8, 3, 20, 20, generator=generator).to(device, memory_format=torch.channels_last)
+        y = torch.randint(0, 4, (8,), generator=generator).to(device)
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         if step == skip_head_at:
@@ -48,15 +54,18 @@ def train_steps(model: torch.nn.Module, optimizer, steps: int, seed: int, skip_h
         optimizer.step()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_steps_are_bit_for_bit_torch_optims(name):
+def test_steps_are_bit_for_bit_torch_optims(name, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # so that only the optimizers can differ
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     config = TrainConfig.from_flat(SETTINGS[name])
-    ours, theirs = twin_models()
+    ours, theirs = twin_models(device)
     train_steps(ours, make_optimizer(config, ours), steps=6, seed=1, skip_head_at=2)
     train_steps(theirs, torch_optimizer(config, theirs), steps=6, seed=1, skip_head_at=2)
     for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.equal(a, b), key
-    assert not torch.equal(next(ours.parameters()), next(twin_models()[0].parameters())), "the steps changed nothing"
+    assert not torch.equal(next(ours.parameters()), next(twin_models(device)[0].parameters())), "the steps changed nothing"
 
 
 def saved_and_loaded(state: dict) -> dict:
