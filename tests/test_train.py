@@ -6,7 +6,8 @@ import torch
 
 from tune_cnn.data import load_data
 from tune_cnn.errors import ConfigError
-from tune_cnn.train import CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, build_engine, load_checkpoint, train
+from tune_cnn.train import (CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, build_engine, load_checkpoint,
+                            normalise_pixels, pixel_normalisation, train)
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
 
@@ -46,6 +47,15 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, t
 def test_seeds_change_the_run(small_data, tmp_path):
     runs = [train(TrainConfig.from_flat({"epochs": 1, "seed": s, "dropout": 0.2}), small_data, quiet(tmp_path / str(s))) for s in (0, 0, 1)]
     assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"] != runs[2][0]["train_loss"]
+
+
+def test_pixels_are_normalised_with_the_training_statistics():
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    x = torch.arange(256, dtype=torch.uint8).repeat(12).reshape(4, 3, 16, 16)  # every pixel value in every channel
+    out = normalise_pixels(x, *pixel_normalisation(mean, std, torch.device("cpu")))
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, expected, rtol=0, atol=2e-6)
 
 
 def test_augmentation_moves_pixels_within_the_padding_and_flips():
