@@ -95,7 +95,9 @@ def test_sweep_joins_a_multi_node_cluster_with_fractional_gpus(fake_gpu_cluster,
     results = trial_results(storage / "quick")
     assert len(results) == QUICK_TRIALS
     assert all([r["epoch"] for r in history] == [1, 2] for history in results.values())
-    assert {history[-1]["node_id"] for history in results.values()} == worker_ids
+    # Every trial ran on a GPU worker, none on the head. Not necessarily on both: Tune reuses a finished trial's
+    # actor for the next, and these 60-image trials can all finish on one node's actors before the other's start.
+    assert {history[-1]["node_id"] for history in results.values()} <= worker_ids
     # Each trial holds 1 CPU and half a GPU, so the GPUs in use are always half the CPUs in use.
     usage = [(float(c), float(g)) for c, g in re.findall(r"Logical resource usage: ([\d.]+)/4 CPUs, ([\d.]+)/2 GPUs", done.stdout)]
     assert usage and all(g == c / 2 for c, g in usage) and max(g for _, g in usage) > 0, usage
