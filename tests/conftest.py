@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tune_cnn.data import Arrays, DataSplits, channel_statistics
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 240  # for a condition that takes seconds when the machine is free: other test runs may share its two cores
 SWEEP_ENV = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray saves the experiment state every second, not every 10+
 SHARED_CIFAR = Path(os.environ.get("TUNE_CNN_TEST_CIFAR", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # the device machine only
 
 
 @pytest.fixture

@@ -5,11 +5,10 @@ import sys
 import pytest
 import torch
 
+from conftest import CUDA, ROOT
 from tune_cnn.models import InputShape, ModelConfig, build_model
 from tune_cnn.optim import FusedAdamW, FusedSGD
 from tune_cnn.train import TrainConfig, make_optimizer, optimizer_settings
-
-from conftest import ROOT
 
 SHAPE = InputShape(channels=3, height=20, width=20, classes=4)
 SETTINGS = {
@@ -19,7 +18,7 @@ SETTINGS = {
 }
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def twin_models(device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+from conftest import CUDA
 from tune_cnn.data import load_data
 from tune_cnn.errors import ConfigError
 from tune_cnn.train import (CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, build_engine, load_checkpoint,
@@ -93,10 +94,8 @@ def test_cuda_graph_changes_nothing_off_cuda(small_data, tmp_path):
 
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-@cuda
+@CUDA
 @pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05, "augment": "crop_flip"}])
 def test_cuda_graph_trains_like_the_eager_engine(small_data, tmp_path, settings):
     """600 images in batches of 64: nine full batches (three eager warm-ups, then capture and replays) and a
@@ -110,7 +109,7 @@ def test_cuda_graph_trains_like_the_eager_engine(small_data, tmp_path, settings)
     assert graphed[-1]["val_acc"] > 0.9
 
 
-@cuda
+@CUDA
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data, compile):
     """With compile, the graph holds torch.compile's fused kernels: the short last batch recompiles, outside it."""
@@ -122,7 +121,7 @@ def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data, compile):
     assert losses[-1] < losses[0] / 2  # bf16 with dropout in the graph still learns
 
 
-@cuda
+@CUDA
 def test_cuda_graph_resumes_from_a_checkpoint(small_data, tmp_path):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 64, "device": "cuda", "precision": "fp32",
                                     "cuda_graph": True, "batch_norm": True})
