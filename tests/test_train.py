@@ -4,11 +4,12 @@ import sys
 import pytest
 import torch
 
+import tune_cnn.train
 from conftest import CUDA
 from tune_cnn.data import load_data
 from tune_cnn.errors import ConfigError
 from tune_cnn.train import (CHECKPOINT_FILE, LocalCheckpoints, TrainConfig, augment_batch, build_engine, load_checkpoint,
-                            normalise_pixels, pixel_normalisation, train)
+                            normalise_pixels, pixel_normalisation, train, train_step)
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
 
@@ -90,6 +91,23 @@ def test_bad_settings_raise_one_clear_error(settings, words):
 def test_cuda_graph_changes_nothing_off_cuda(small_data, tmp_path):
     runs = [train(TrainConfig.from_flat({"epochs": 1, "device": "cpu", "cuda_graph": g}), small_data, quiet(tmp_path / str(g))) for g in (True, False)]
     assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
+
+
+def test_only_the_short_last_batch_skips_cudnn_timing(small_data, monkeypatch):
+    """600 images in batches of 64: nine full batches keep the caller's cudnn.benchmark, the short tenth runs
+    with cuDNN's heuristics, and the setting is back afterwards."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = []
+
+    def recording_step(*args):
+        seen.append(torch.backends.cudnn.benchmark)
+        train_step(*args)
+
+    monkeypatch.setattr(tune_cnn.train, "train_step", recording_step)
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cpu"})
+    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+    engine.train_epoch(engine.put(small_data.train))
+    assert seen == [True] * 9 + [False] and torch.backends.cudnn.benchmark
 
 
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------

@@ -17,8 +17,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -301,7 +301,7 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     if device.type == "cpu":
         keep_freed_memory()
     elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # two batch shapes per run: autotune each convolution once (unmeasured)
+        torch.backends.cudnn.benchmark = True  # time each convolution's algorithms for the full batch (see cudnn_heuristics)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator(device=device).manual_seed(config.seed)
     model = build_model(config.model, shape).to(device, memory_format=torch.channels_last)
@@ -407,11 +407,29 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
         x, y = data.x[index], data.y[index]
         if config.augment != "none":
             x = augment_batch(x, config.augment, generator)
-        if graph and len(index) == config.batch_size:
+        short = len(index) < config.batch_size
+        if graph and not short:
             graph.step(x, y)
         else:
-            train_step(model, optimizer, data.normalise, x, y, autocast, totals)
+            with cudnn_heuristics() if short else nullcontext():
+                train_step(model, optimizer, data.normalise, x, y, autocast, totals)
     return totals.loss.item() / len(data), totals.correct.item() / len(data)
+
+
+@contextmanager
+def cudnn_heuristics() -> Iterator[None]:
+    """cuDNN chooses its algorithms by heuristics inside the block instead of timing each (cudnn.benchmark).
+
+    Timing repays itself on the full batch, trained about 1,400 times an epoch, not on the epoch's one short
+    last batch: a shape of its own, whose timings (forward and both backward passes of every convolution)
+    would all fall in the first epoch, when every trial on the GPU is timing its own.
+    """
+    timed = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = timed
 
 
 class EpochTotals:
