@@ -10,7 +10,7 @@ import torch
 from tune_cnn.bench import engine_runner
 from tune_cnn.data import load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
-from tune_cnn.train import TrainConfig
+from tune_cnn.config import TrainConfig
 
 IMAGES = 3000
 

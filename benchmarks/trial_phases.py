@@ -36,7 +36,7 @@ def trial(settings: dict, source: str, epochs: int, cudnn_benchmark: bool, start
     import torch
 
     from tune_cnn.data import load_data
-    from tune_cnn.train import TrainConfig, build_engine
+    from tune_cnn.train import TrainConfig, build_engine  # by way of train: --code may give an older package
     lap("import")
     torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
     lap("start_cuda")
@@ -73,7 +73,8 @@ def main() -> None:
         raise ConfigError(f"--at-once {args.at_once} or --epochs {args.epochs} is out of range; use 1 or more")
     from tune_cnn.data import load_data
     from tune_cnn.space import load_space
-    from tune_cnn.train import TrainConfig, parse_settings
+    from tune_cnn.config import TrainConfig
+    from tune_cnn.train import parse_settings
 
     overrides = parse_settings(args.set)
     load_data(args.data)  # a bad --data is one line here, and the trials find the archive decoded in the cache

@@ -333,7 +333,8 @@ def failing_trainable(params: dict, data, marker_folder: str) -> None:
     import torch
     from ray import tune
 
-    from tune_cnn.train import TrainConfig, load_checkpoint, train
+    from tune_cnn.config import TrainConfig
+    from tune_cnn.train import load_checkpoint, train
 
     torch.set_num_threads(1)
     resume = None

@@ -28,7 +28,7 @@ from PIL import Image
 from conftest import make_image_folder
 from tune_cnn.errors import ConfigError
 from tune_cnn.space import TOP_KEYS, load_space
-from tune_cnn.train import SETTINGS, TrainConfig
+from tune_cnn.config import SETTINGS, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 TINY_SPACE = "fixed: {epochs: 1, padding: same}\nspace: {pooling: [max]}\n"

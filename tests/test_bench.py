@@ -12,7 +12,8 @@ from tune_cnn import bench
 from tune_cnn.bench import (Plan, Timing, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark,
                             time_seed_sweep, time_seed_trials)
 from tune_cnn.data import load_data
-from tune_cnn.train import TrainConfig, build_engine
+from tune_cnn.config import TrainConfig
+from tune_cnn.train import build_engine
 
 
 def test_engine_computes_the_reference_loss_and_gradients_on_the_same_batch(small_data):

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from tune_cnn.errors import ConfigError
-from tune_cnn.models import MODELS, InputShape, ModelConfig, build_model, count_parameters, register
+from tune_cnn.config import MODEL_FAMILIES, InputShape, ModelConfig
+from tune_cnn.models import MODELS, build_model, count_parameters, register
 
 CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
 
@@ -69,22 +70,6 @@ def test_input_shape_comes_from_the_data():
     assert build_model(ModelConfig(), gray)(torch.randn(2, 1, 28, 28)).shape == (2, 5)
 
 
-@pytest.mark.parametrize(
-    "settings, words",
-    [
-        ({"conv_width": 2}, "odd integer"),
-        ({"conv_width": 0}, "odd integer"),
-        ({"dropout": 1.5}, "0 <= dropout < 1"),
-        ({"pooling": "min"}, "'max' or 'avg'"),
-        ({"padding": "full"}, "'valid' or 'same'"),
-        ({"model": "resnet9000"}, "choose one of: seed_cnn"),
-    ],
-)
-def test_invalid_settings_are_rejected(settings, words):
-    with pytest.raises(ConfigError, match=words):
-        ModelConfig(**settings)
-
-
 def test_a_feature_map_below_1x1_is_rejected_before_training():
     with pytest.raises(ConfigError, match="conv_width 7 with valid padding shrinks a 32x32 image below 1x1"):
         build_model(ModelConfig(conv_width=7), CIFAR)
@@ -100,4 +85,4 @@ def test_registry_builds_new_families_by_name():
         model = build_model(ModelConfig(model="tiny_test_net"), CIFAR)
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     finally:
-        del MODELS["tiny_test_net"]
+        del MODELS["tiny_test_net"], MODEL_FAMILIES["tiny_test_net"]

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import CUDA, ROOT
-from tune_cnn.models import InputShape, ModelConfig, build_model
+from tune_cnn.config import InputShape, ModelConfig, TrainConfig
+from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedSGD
-from tune_cnn.train import TrainConfig, make_optimizer, optimizer_settings
+from tune_cnn.train import make_optimizer, optimizer_settings
 
 SHAPE = InputShape(channels=3, height=20, width=20, classes=4)
 SETTINGS = {
@@ -103,7 +104,8 @@ def test_a_state_for_another_model_is_refused():
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_training_never_imports_torch_dynamo(optimizer):
     """The reason for tune_cnn.optim: torch.optim.Optimizer imports torch._dynamo (about a second) on first use."""
-    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import synthetic_splits; from tune_cnn.train import TrainConfig, train; "
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import synthetic_splits; "
+            "from tune_cnn.config import TrainConfig; from tune_cnn.train import train; "
             f"train(TrainConfig.from_flat({{'epochs': 2, 'optimizer': {optimizer!r}}}), synthetic_splits(100, 20, 20), "
             "lambda metrics, folder: None); print('torch._dynamo' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

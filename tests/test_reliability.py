@@ -23,7 +23,8 @@ import torch
 from conftest import SavedTrial, Sweep, epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, saved_trials, sweep_args, wait_for
 from tune_cnn import analysis, sweep
 from tune_cnn.data import load_data
-from tune_cnn.train import TrainConfig, train
+from tune_cnn.config import TrainConfig
+from tune_cnn.train import train
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 COMPARED_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_space
 from tune_cnn.errors import ConfigError
-from tune_cnn.models import InputShape
+from tune_cnn.config import InputShape
 from tune_cnn.space import SPACES_DIR, Distribution, Resources, load_space, space_names
 
 CIFAR_SHAPE = InputShape(3, 32, 32, 10)

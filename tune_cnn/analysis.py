@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from tune_cnn.config import TrainConfig
 from tune_cnn.errors import CommandParser, TuneCnnError, exit_on_user_error
 
 METADATA_FILE = "tune_cnn.json"
@@ -252,8 +253,6 @@ def _status(reports: list[dict[str, Any]], epochs: int, state: str | None, has_e
 
 def _settings(params: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Every setting of the trial: its params over the training defaults, lists as tuples so they group."""
-    from tune_cnn.train import TrainConfig
-
     settings = {**TrainConfig().flat(), **params}
     seeds = [r["trial_seed"] for r in reports if "trial_seed" in r]
     if seeds:  # the sweep derives each trial's seed and reports the one it used

@@ -44,12 +44,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from tune_cnn.analysis import json_reports
+from tune_cnn.config import InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
-from tune_cnn.models import InputShape, build_model, training_flops_per_image
+from tune_cnn.models import build_model, training_flops_per_image
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
-from tune_cnn.train import (TrainConfig, build_engine, eval_batch_size, evaluate, optimizer_settings, parse_settings,
-                            resolve_device, train)
+from tune_cnn.train import build_engine, eval_batch_size, evaluate, optimizer_settings, parse_settings, resolve_device, train
 
 EPOCH_IMAGES = 50_000  # the "seconds per epoch" column is for a 50,000-image epoch, as the issue states targets
 WARMUP_BATCHES = 10  # untimed steps before timing: first-call allocations, cuDNN/oneDNN choices, compilation

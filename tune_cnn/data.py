@@ -19,8 +19,8 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 
+from tune_cnn.config import InputShape
 from tune_cnn.errors import DataError
-from tune_cnn.models import InputShape
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")

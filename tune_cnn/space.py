@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
 from tune_cnn.errors import ConfigError
-from tune_cnn.models import MODEL_SETTINGS, InputShape, build_model
-from tune_cnn.train import SETTINGS, TrainConfig
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 TOP_KEYS = ("search", "metric", "mode", "samples", "scheduler", "resources", "fixed", "space", "subset", "seed")
@@ -124,13 +123,13 @@ class SearchSpace:
         return [{**self.fixed, **dict(zip(names, combo))} for combo in itertools.product(*self.space.values())]
 
     def check_models(self, shape: InputShape) -> None:
-        """Build every model the space can ask for on images of `shape`; a misfit is a ConfigError."""
+        """Check every model the space can ask for against images of `shape`; a misfit is a ConfigError."""
         names = [n for n in self.swept if n in MODEL_SETTINGS]
         options = [_candidate_values(self.space[n]) for n in names]
         for combo in itertools.product(*options):
             settings = {**self.fixed, **dict(zip(names, combo))}
             try:
-                build_model(TrainConfig.from_flat(settings).model, shape)
+                TrainConfig.from_flat(settings).model.check_fits(shape)
             except ConfigError as error:
                 keys = ", ".join(f"{n}={v}" for n, v in zip(names, combo)) or "the fixed settings"
                 raise ConfigError(f"{self.source}: {keys}: {error}") from None

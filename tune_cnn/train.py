@@ -19,114 +19,26 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tune_cnn.config import SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
-from tune_cnn.models import MODEL_SETTINGS, InputShape, ModelConfig, build_model
+from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Metrics = dict[str, float]
 Reporter = Callable[[Metrics, "Path | None"], None]
-AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
 CPU_EVAL_BATCH = 256
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one trial needs besides the data. Defaults are the seed's Keras run."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    epochs: int = 10
-    checkpoint_every: int = 10
-    seed: int = 0
-    augment: Literal["none", "flip", "crop", "crop_flip"] = "none"
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    cuda_graph: bool = True  # on CUDA only; see StepGraph
-    eval_batch_size: int = 1000
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.optimizer in ("adam", "sgd"), f"optimizer '{self.optimizer}' is unknown; use 'adam' or 'sgd'"),
-            (self.lr > 0, f"lr {self.lr} is out of range; use a learning rate > 0, such as 0.001"),
-            (0 <= self.momentum < 1, f"momentum {self.momentum} is out of range; use 0 <= momentum < 1"),
-            (self.weight_decay >= 0, f"weight_decay {self.weight_decay} is out of range; use a value >= 0"),
-            (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
-            (self.epochs >= 1, f"epochs {self.epochs} is out of range; use an integer >= 1"),
-            (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
-            (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
-            (self.eval_batch_size >= 1, "eval_batch_size must be an integer >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @classmethod
-    def from_flat(cls, settings: Mapping[str, Any]) -> TrainConfig:
-        """Build from one flat mapping of setting names (model and training settings mixed), checking types."""
-        model_fields, train_fields = _field_types(ModelConfig), _field_types(cls)
-        unknown = sorted(set(settings) - set(model_fields) - set(train_fields))
-        if unknown:
-            allowed = sorted(set(model_fields) | set(train_fields))
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-        typed = {name: _check_type(name, value, {**train_fields, **model_fields}[name]) for name, value in settings.items()}
-        model = ModelConfig(**{k: v for k, v in typed.items() if k in MODEL_SETTINGS})
-        return cls(model=model, **{k: v for k, v in typed.items() if k not in MODEL_SETTINGS})
-
-    def flat(self) -> dict[str, Any]:
-        """One flat dict of every setting: the inverse of from_flat."""
-        settings = {k: v for k, v in asdict(self).items() if k != "model"}
-        return {**asdict(self.model), **settings}
-
-
-SETTINGS = tuple(dict.fromkeys(MODEL_SETTINGS + tuple(f.name for f in fields(TrainConfig) if f.name != "model")))
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls) if not (cls is TrainConfig and f.name == "model")}
-
-
-def _check_type(name: str, value: Any, hint: Any) -> Any:
-    """Accept a value of the setting's type (an int where a float is due); otherwise one clear error."""
-    choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
-    if choices is not None:
-        if value not in choices:
-            raise ConfigError(f"{name} '{value}' is not allowed; use one of: {', '.join(map(str, choices))}")
-        return value
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:  # tuple[int, ...]
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    if not ok:
-        expected = getattr(hint, "__name__", "list of integers")
-        raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}")
-    return value
 
 
 # --- Reporters ---------------------------------------------------------------------------------------------

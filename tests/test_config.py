@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from tune_cnn.config import InputShape, ModelConfig, TrainConfig
+from tune_cnn.errors import ConfigError
+
+CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"lr": 0}, "lr 0.0 is out of range"),
+        ({"epochs": 0}, "epochs 0 is out of range"),
+        ({"dropout": 1.5}, "dropout 1.5 is out of range"),
+        ({"batch_size": "big"}, "batch_size 'big' has the wrong type; expected int"),
+        ({"batch_norm": "yes"}, "batch_norm 'yes' has the wrong type; expected bool"),
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not allowed; use one of: adam, sgd"),
+        ({"learning_rate": 0.1}, "unknown setting(s) learning_rate; allowed:"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(settings, words):
+    with pytest.raises(ConfigError) as error:
+        TrainConfig.from_flat(settings)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_flat_round_trips():
+    config = TrainConfig.from_flat({"pooling": "avg", "conv_width": 5, "epochs": 3, "filters": [16, 32, 32]})
+    assert TrainConfig.from_flat(config.flat()) == config
+    assert config.model.filters == (16, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"conv_width": 2}, "odd integer"),
+        ({"conv_width": 0}, "odd integer"),
+        ({"dropout": 1.5}, "0 <= dropout < 1"),
+        ({"pooling": "min"}, "'max' or 'avg'"),
+        ({"padding": "full"}, "'valid' or 'same'"),
+        ({"model": "resnet9000"}, "choose one of: seed_cnn"),
+    ],
+)
+def test_invalid_settings_are_rejected(settings, words):
+    with pytest.raises(ConfigError, match=words):
+        ModelConfig(**settings)
+
+
+def test_a_model_that_does_not_fit_the_images_is_found_without_building_it():
+    with pytest.raises(ConfigError, match="conv_width 7 with valid padding shrinks a 32x32 image below 1x1"):
+        ModelConfig(conv_width=7).check_fits(CIFAR)
+    ModelConfig(conv_width=7, padding="same").check_fits(CIFAR)
+
+
+def test_a_sweeps_driver_and_the_analysis_never_import_torch(image_folder, decode_cache):
+    """Reading a space, loading and checking the data, and loading the analysis: only trials need torch."""
+    code = ("import sys; from tune_cnn.analysis import load; from tune_cnn.data import load_data; import tune_cnn.sweep as s; "
+            "space = s.load_space('seed'); space.check_models(load_data(sys.argv[1]).shape); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    run = subprocess.run([sys.executable, "-c", code, str(image_folder)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

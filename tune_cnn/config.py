@@ -1,0 +1,189 @@
+"""Every setting of a trial as checked, typed dataclasses, built from one flat mapping (a search space's values,
+`--set NAME=VALUE`) in one place: TrainConfig, with the architecture in ModelConfig.
+
+No torch here: a sweep's driver, its dry run and the analysis read and check settings without importing it,
+and only the processes that train pay for it (tune_cnn.models builds the models these configs describe).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+from tune_cnn.errors import ConfigError
+
+AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
+
+
+Padding = Literal["valid", "same"]
+Pooling = Literal["max", "avg"]
+
+
+@dataclass(frozen=True)
+class InputShape:
+    channels: int
+    height: int
+    width: int
+    classes: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture settings. Defaults are the seed model.
+
+    dropout is applied after each pooling layer and after the hidden dense layer (never after the last
+    convolution, whose output feeds the dense layers directly, nor on the logits). batch_norm inserts a
+    BatchNorm after every convolution and the hidden dense layer, before the ReLU.
+    """
+
+    model: str = "seed_cnn"
+    filters: tuple[int, ...] = (32, 64, 64)
+    conv_width: int = 3
+    padding: Padding = "valid"
+    pooling: Pooling = "max"
+    dense_units: int = 64
+    batch_norm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_FAMILIES:
+            raise ConfigError(f"model '{self.model}' is unknown; choose one of: {', '.join(sorted(MODEL_FAMILIES))}")
+        if self.conv_width < 1 or self.conv_width % 2 == 0:
+            raise ConfigError(f"conv_width {self.conv_width} is not allowed; use an odd integer >= 1 (1, 3, 5, 7)")
+        if self.padding not in ("valid", "same"):
+            raise ConfigError(f"padding '{self.padding}' is unknown; use 'valid' or 'same'")
+        if self.pooling not in ("max", "avg"):
+            raise ConfigError(f"pooling '{self.pooling}' is unknown; use 'max' or 'avg'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout {self.dropout} is out of range; use 0 <= dropout < 1")
+        if not self.filters or any(f < 1 for f in self.filters) or self.dense_units < 1:
+            raise ConfigError("filters and dense_units must be positive integers")
+
+    def check_fits(self, shape: InputShape) -> None:
+        """A ConfigError where this model cannot take images of `shape` (a feature map shrunk below 1x1)."""
+        MODEL_FAMILIES[self.model](self, shape)
+
+
+MODEL_SETTINGS = tuple(f.name for f in fields(ModelConfig))
+
+
+# --- Model families ----------------------------------------------------------------------------------------
+
+ShapeCheck = Callable[[ModelConfig, InputShape], None]
+
+
+def seed_feature_sizes(config: ModelConfig, size: int) -> list[int]:
+    """Side length of the feature map after each convolution and pooling of the seed family."""
+    shrink = 0 if config.padding == "same" else config.conv_width - 1
+    sizes = []
+    for i in range(len(config.filters)):
+        size -= shrink
+        sizes.append(size)
+        if i < len(config.filters) - 1:
+            size //= 2
+            sizes.append(size)
+    return sizes
+
+
+def check_seed_cnn_fits(config: ModelConfig, shape: InputShape) -> None:
+    if min(seed_feature_sizes(config, min(shape.height, shape.width))) < 1:
+        raise ConfigError(
+            f"conv_width {config.conv_width} with {config.padding} padding shrinks a {shape.height}x{shape.width} "
+            f"image below 1x1; use padding 'same' or a smaller conv_width"
+        )
+
+
+# The model families a config may name, each with its check that a config fits the images; tune_cnn.models
+# registers the builders (models.register adds a new family to both).
+MODEL_FAMILIES: dict[str, ShapeCheck] = {"seed_cnn": check_seed_cnn_fits}
+
+
+# --- Training ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one trial needs besides the data. Defaults are the seed's Keras run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 10
+    checkpoint_every: int = 10
+    seed: int = 0
+    augment: Literal["none", "flip", "crop", "crop_flip"] = "none"
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    cuda_graph: bool = True  # on CUDA only; see StepGraph
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in ("adam", "sgd"), f"optimizer '{self.optimizer}' is unknown; use 'adam' or 'sgd'"),
+            (self.lr > 0, f"lr {self.lr} is out of range; use a learning rate > 0, such as 0.001"),
+            (0 <= self.momentum < 1, f"momentum {self.momentum} is out of range; use 0 <= momentum < 1"),
+            (self.weight_decay >= 0, f"weight_decay {self.weight_decay} is out of range; use a value >= 0"),
+            (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
+            (self.epochs >= 1, f"epochs {self.epochs} is out of range; use an integer >= 1"),
+            (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
+            (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be an integer >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_flat(cls, settings: Mapping[str, Any]) -> TrainConfig:
+        """Build from one flat mapping of setting names (model and training settings mixed), checking types."""
+        model_fields, train_fields = _field_types(ModelConfig), _field_types(cls)
+        unknown = sorted(set(settings) - set(model_fields) - set(train_fields))
+        if unknown:
+            allowed = sorted(set(model_fields) | set(train_fields))
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        typed = {name: _check_type(name, value, {**train_fields, **model_fields}[name]) for name, value in settings.items()}
+        model = ModelConfig(**{k: v for k, v in typed.items() if k in MODEL_SETTINGS})
+        return cls(model=model, **{k: v for k, v in typed.items() if k not in MODEL_SETTINGS})
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict of every setting: the inverse of from_flat."""
+        settings = {k: v for k, v in asdict(self).items() if k != "model"}
+        return {**asdict(self.model), **settings}
+
+
+SETTINGS = tuple(dict.fromkeys(MODEL_SETTINGS + tuple(f.name for f in fields(TrainConfig) if f.name != "model")))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if not (cls is TrainConfig and f.name == "model")}
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Accept a value of the setting's type (an int where a float is due); otherwise one clear error."""
+    choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{name} '{value}' is not allowed; use one of: {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # tuple[int, ...]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        expected = getattr(hint, "__name__", "list of integers")
+        raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}")
+    return value
