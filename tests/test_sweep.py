@@ -55,6 +55,18 @@ def test_trial_seed_depends_on_sweep_seed_and_settings_only():
     assert sweep.trial_seed(0, settings) != sweep.trial_seed(0, {**settings, "conv_width": 5})
 
 
+def test_trial_processes_print_no_interrupt_from_a_weakref_callback_but_every_other_error():
+    code = ("import sys, weakref; from tune_cnn.sweep import quiet_interrupts_in_callbacks; "
+            "sys.unraisablehook = quiet_interrupts_in_callbacks\n"
+            "class A: pass\n"
+            "def interrupted(_): raise KeyboardInterrupt\n"
+            "def failed(_): raise ValueError('still printed')\n"
+            "a, b = A(), A(); refs = [weakref.ref(a, interrupted), weakref.ref(b, failed)]; del a, b")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "KeyboardInterrupt" not in run.stderr
+    assert "ValueError: still printed" in run.stderr
+
+
 def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Path):
     storage = tmp_path / "results"
     done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(storage), "--max-concurrent", "2")
