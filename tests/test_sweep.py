@@ -55,15 +55,17 @@ def test_trial_seed_depends_on_sweep_seed_and_settings_only():
     assert sweep.trial_seed(0, settings) != sweep.trial_seed(0, {**settings, "conv_width": 5})
 
 
-def test_trial_processes_print_no_interrupt_from_a_weakref_callback_but_every_other_error():
+def test_trial_processes_print_no_stop_signal_from_a_weakref_callback_but_every_other_error():
     code = ("import sys, weakref; from tune_cnn.sweep import quiet_interrupts_in_callbacks; "
             "sys.unraisablehook = quiet_interrupts_in_callbacks\n"
             "class A: pass\n"
             "def interrupted(_): raise KeyboardInterrupt\n"
+            "def terminated(_): raise SystemExit(1)\n"
             "def failed(_): raise ValueError('still printed')\n"
-            "a, b = A(), A(); refs = [weakref.ref(a, interrupted), weakref.ref(b, failed)]; del a, b")
+            "a, b, c = A(), A(), A()\n"
+            "refs = [weakref.ref(a, interrupted), weakref.ref(b, terminated), weakref.ref(c, failed)]; del a, b, c")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0 and "KeyboardInterrupt" not in run.stderr
+    assert run.returncode == 0 and "KeyboardInterrupt" not in run.stderr and "SystemExit" not in run.stderr
     assert "ValueError: still printed" in run.stderr
 
 

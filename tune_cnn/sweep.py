@@ -76,10 +76,12 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
 
 
 def quiet_interrupts_in_callbacks(unraisable: Any) -> None:
-    """sys.unraisablehook for a trial's process. Ctrl-C in a terminal reaches every process of its group, Ray's
-    workers too; a KeyboardInterrupt that lands in a weakref callback or a finaliser was printed as an ignored
-    exception with its traceback (seen once in tests/test_reliability.py's Ctrl-C test). Others print as before."""
-    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+    """sys.unraisablehook for a trial's process. A signal that stops the process can land in a weakref callback
+    or a finaliser, which Python then prints as an ignored exception with its traceback: Ctrl-C, which reaches
+    every process of the terminal's group (a KeyboardInterrupt, seen once in tests/test_reliability.py's Ctrl-C
+    test), and the SIGTERM with which Ray ends a finished sweep's trial actors (a SystemExit from Ray's handler,
+    seen at the end of an H100 seed sweep). Other errors print as before."""
+    if not issubclass(unraisable.exc_type, (KeyboardInterrupt, SystemExit)):
         sys.__unraisablehook__(unraisable)
 
 
