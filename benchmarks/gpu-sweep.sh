@@ -4,15 +4,17 @@
 #      against torch.optim's); TESTS=no skips them;
 #      with ONE_TRIAL=yes, then one trial of the seed model alone (no MPS) for 5 epochs, cuDNN's algorithms timed
 #      and heuristic (benchmarks/trial_phases.py): whether the one-trial figure holds without the timing;
-#   2. the whole seed sweep through Ray, 30 epochs: wall clock from command to analysis, the trials' timeline
-#      and the sweep's output lines stamped with when they came (bench.time_seed_sweep), into sweep.json;
+#   2. the whole seed sweep through Ray, 30 epochs, $SWEEPS times (default 1): wall clock from command to
+#      analysis, the trials' timeline and the sweep's output lines stamped with when they came
+#      (bench.time_seed_sweep), into sweep.json, a list with one entry per sweep;
 #   3. the seed space's six trials as plain processes, six at once, each timing its phases for $PHASES_EPOCHS
-#      epochs (default 3; benchmarks/trial_phases.py): with the tune_cnn in $BASELINE first where that folder
-#      is carried (an earlier commit's, for a before and after on one machine), then this one, then this one
-#      in fp32 (no bf16 casts: fewer kernels per step, which may matter more than each kernel's speed with six
-#      trials sharing the GPU). Session 6 timed cuDNN's heuristics here (trial_phases.py --no-cudnn-benchmark).
+#      epochs (default 3; benchmarks/trial_phases.py), for each name in $PHASES (default "baseline engine fp32"):
+#      baseline, the tune_cnn in $BASELINE where that folder is carried (an earlier commit's, for a before and
+#      after on one machine); engine, this one; fp32, this one in fp32 (no bf16 casts: fewer kernels per step,
+#      which may matter more than each kernel's speed with six trials sharing the GPU). Session 6 timed cuDNN's
+#      heuristics here (trial_phases.py --no-cudnn-benchmark).
 # nvidia-smi samples the GPU's utilisation and power every 500 ms throughout. At most 8 files come back from
-# a device call, so everything lands in $OUT itself.
+# a device call, so everything lands in $OUT itself: with all three phase runs, exactly 8 with gpu-sweep.log.
 #
 # From the repository root on the machine with the device tool (ray-bundle.sh builds .whl/site.tar.xz):
 #   bash benchmarks/ray-bundle.sh; mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
@@ -24,6 +26,7 @@ source benchmarks/gpu-env.sh
 out=${OUT:-benchmarks/results/gpu-sweep}
 data=${DATA:-.data/cifar10-jpeg.tar.gz}
 mkdir -p "$out"
+exec > >(tee "$out/gpu-sweep.log") 2>&1  # the whole log comes back, not only the reply's last 12,000 characters
 nvidia-smi -L
 nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv -lms 500 > "$out/nvidia-smi.csv" &
 unpack_ray || { echo "gpu-sweep.sh: needs Ray: run benchmarks/ray-bundle.sh and carry .whl"; exit 1; }
@@ -39,24 +42,31 @@ fi
 if [ "${ONE_TRIAL:-no}" = yes ]; then
     for choice in "" --no-cudnn-benchmark; do
         timeout 90 python3 benchmarks/trial_phases.py --data "$data" --at-once 1 --epochs 5 --set padding=valid \
-            --out "$out/one-trial${choice:+-heuristics}.json" $choice
+            --out "/tmp/one-trial${choice:+-heuristics}.json" $choice
     done
+    # One file for both, since a device call brings back at most 8.
+    python3 -c 'import json, sys; json.dump({"timed": json.load(open(sys.argv[1])), "heuristics": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=1)' \
+        /tmp/one-trial.json /tmp/one-trial-heuristics.json "$out/one-trial.json"
     echo "gpu-sweep.sh: one trial done after ${SECONDS} s"
 fi
 start_mps
 
-timeout 150 python3 - "$data" "$out/sweep.json" <<'PY'
+sweeps=${SWEEPS:-1}
+timeout $((150 * sweeps)) python3 - "$data" "$out/sweep.json" "$sweeps" <<'PY'
 import json, sys, tempfile
 from pathlib import Path
 from tune_cnn.bench import time_seed_sweep
-with tempfile.TemporaryDirectory() as folder:
-    figures = time_seed_sweep(sys.argv[1], Path(folder))
-Path(sys.argv[2]).write_text(json.dumps(figures, indent=1) + "\n")
-print(f"seed sweep: analysis written at {figures['analysis_written_s']} s, {figures['seconds']:.1f} s to exit {figures['returncode']}; "
-      f"timeline {json.dumps(figures['timeline'])}")
-for at, line in figures["output"]:
-    if not line.startswith(("Current time", "Using FIFO", "Logical resource", "Result logdir", "Current best")) and line.strip():
-        print(f"{at:7.2f}  {line[:140]}")
+runs = []
+for _ in range(int(sys.argv[3])):
+    with tempfile.TemporaryDirectory() as folder:
+        figures = time_seed_sweep(sys.argv[1], Path(folder))
+    runs.append(figures)
+    Path(sys.argv[2]).write_text(json.dumps(runs, indent=1) + "\n")
+    print(f"seed sweep: analysis written at {figures['analysis_written_s']} s, {figures['seconds']:.1f} s to exit {figures['returncode']}; "
+          f"timeline {json.dumps(figures['timeline'])}")
+    for at, line in figures["output"]:
+        if not line.startswith(("Current time", "Using FIFO", "Logical resource", "Result logdir", "Current best", "|", "+")) and line.strip():
+            print(f"{at:7.2f}  {line[:140]}")
 PY
 echo "gpu-sweep.sh: sweep done after ${SECONDS} s"
 
@@ -66,9 +76,13 @@ phases() {  # NAME [options]
     timeout 120 python3 benchmarks/trial_phases.py --data "$data" --at-once 6 --epochs "${PHASES_EPOCHS:-3}" --out "$out/phases-$name.json" "$@"
     echo "gpu-sweep.sh: phases $name done after ${SECONDS} s"
 }
-[ -n "${BASELINE:-}" ] && phases baseline --code "$BASELINE"
-phases engine
-phases fp32 --set precision=fp32
+for name in ${PHASES:-baseline engine fp32}; do
+    case $name in
+        baseline) [ -n "${BASELINE:-}" ] && phases baseline --code "$BASELINE" ;;
+        engine) phases engine ;;
+        fp32) phases fp32 --set precision=fp32 ;;
+    esac
+done
 stop_mps
 kill %1
 echo "gpu-sweep.sh: ${SECONDS} s in all"
