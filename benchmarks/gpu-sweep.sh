@@ -2,8 +2,8 @@
 # Where the whole seed sweep's wall clock goes on the lent GPU machine, under CUDA MPS, in one call:
 #   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume; the optimizers
 #      against torch.optim's); TESTS=no skips them;
-#      with ONE_TRIAL=yes, then one trial of the seed model alone (no MPS) for 5 epochs, cuDNN's algorithms timed
-#      and heuristic (benchmarks/trial_phases.py): whether the one-trial figure holds without the timing;
+#      with ONE_TRIAL=yes, then one trial of the seed model alone (no MPS) for 5 epochs, cuDNN's algorithms by
+#      heuristics (the engine's default) and timed (benchmarks/trial_phases.py --cudnn-benchmark);
 #   2. the whole seed sweep through Ray, 30 epochs, $SWEEPS times (default 1): wall clock from command to
 #      analysis, the trials' timeline and the sweep's output lines stamped with when they came
 #      (bench.time_seed_sweep), into sweep.json, a list with one entry per sweep;
@@ -11,8 +11,8 @@
 #      epochs (default 3; benchmarks/trial_phases.py), for each name in $PHASES (default "baseline engine fp32"):
 #      baseline, the tune_cnn in $BASELINE where that folder is carried (an earlier commit's, for a before and
 #      after on one machine); engine, this one; fp32, this one in fp32 (no bf16 casts: fewer kernels per step,
-#      which may matter more than each kernel's speed with six trials sharing the GPU). Session 6 timed cuDNN's
-#      heuristics here (trial_phases.py --no-cudnn-benchmark).
+#      which may matter more than each kernel's speed with six trials sharing the GPU). Every phase run lets
+#      cuDNN choose by heuristics, the baseline's too.
 # nvidia-smi samples the GPU's utilisation and power every 500 ms throughout. At most 8 files come back from
 # a device call, so everything lands in $OUT itself: with all three phase runs, exactly 8 with gpu-sweep.log.
 #
@@ -40,13 +40,13 @@ if [ "${TESTS:-yes}" != no ]; then
     echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
 fi
 if [ "${ONE_TRIAL:-no}" = yes ]; then
-    for choice in "" --no-cudnn-benchmark; do
+    for choice in "" --cudnn-benchmark; do
         timeout 90 python3 benchmarks/trial_phases.py --data "$data" --at-once 1 --epochs 5 --set padding=valid \
-            --out "/tmp/one-trial${choice:+-heuristics}.json" $choice
+            --out "/tmp/one-trial${choice:+-timed}.json" $choice
     done
     # One file for both, since a device call brings back at most 8.
-    python3 -c 'import json, sys; json.dump({"timed": json.load(open(sys.argv[1])), "heuristics": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=1)' \
-        /tmp/one-trial.json /tmp/one-trial-heuristics.json "$out/one-trial.json"
+    python3 -c 'import json, sys; json.dump({"heuristics": json.load(open(sys.argv[1])), "timed": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=1)' \
+        /tmp/one-trial.json /tmp/one-trial-timed.json "$out/one-trial.json"
     echo "gpu-sweep.sh: one trial done after ${SECONDS} s"
 fi
 start_mps

@@ -3,7 +3,7 @@ sweep packs them on one GPU), each timing its phases: importing torch and tune_c
 data, building the engine, putting the data on the device, then each epoch's training pass and evaluation.
 Prints one line per trial and writes the figures as JSON.
 
-    python benchmarks/trial_phases.py [--at-once 6] [--epochs 3] [--no-cudnn-benchmark] [--set NAME=VALUE ...]
+    python benchmarks/trial_phases.py [--at-once 6] [--epochs 3] [--cudnn-benchmark] [--set NAME=VALUE ...]
                                       [--code DIR] [--data ...] [--out FILE]
 
 --set changes every trial's settings: `--at-once 1 --set padding=valid` is one trial of the seed model itself.
@@ -63,7 +63,7 @@ def main() -> None:
     parser = CommandParser(prog="python benchmarks/trial_phases.py", description=__doc__.splitlines()[0])
     parser.add_argument("--at-once", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--no-cudnn-benchmark", action="store_true", help="let cuDNN choose by heuristics instead of timing")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="have cuDNN time its algorithms instead of choosing by heuristics")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="settings for every trial, as for tune_cnn.train")
     parser.add_argument("--code", type=Path, default=None, help="import tune_cnn from this folder instead")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
@@ -82,9 +82,9 @@ def main() -> None:
     code = (f"import json, sys; sys.path.insert(0, {str(args.code.resolve()) if args.code else ''!r}); "
             "from benchmarks.trial_phases import trial; print(json.dumps(trial(*json.loads(sys.argv[1]))))")
     started = time.time()
-    runs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([t, args.data, args.epochs, not args.no_cudnn_benchmark, started])],
+    runs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([t, args.data, args.epochs, args.cudnn_benchmark, started])],
                              cwd=ROOT, stdout=subprocess.PIPE, text=True) for t in trials]
-    figures = {"at_once": args.at_once, "cudnn_benchmark": not args.no_cudnn_benchmark, "trials": []}
+    figures = {"at_once": args.at_once, "cudnn_benchmark": args.cudnn_benchmark, "trials": []}
     for settings, run in zip(trials, runs):
         output = run.communicate()[0].strip().splitlines()
         if run.returncode != 0 or not output:

@@ -17,8 +17,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -208,12 +208,14 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
 
     channels_last everywhere: on this project's 2-core CPU it trained the seed model 31% faster and
     evaluated it 2x faster than NCHW (NCHW max-pooling is slow there); on CUDA it is what tensor cores want.
+
+    cuDNN picks its convolution algorithms by heuristics (torch's default), not by timing each
+    (cudnn.benchmark): on an H100 the timing added 2.5 s to one seed trial's first epoch and about 2 s to each
+    of six sharing the GPU, and bought no later epoch more than 0.01 s (benchmarks/README.md).
     """
     device = resolve_device(config.device)
     if device.type == "cpu":
         keep_freed_memory()
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # time each convolution's algorithms for the full batch (see cudnn_heuristics)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator(device=device).manual_seed(config.seed)
     model = build_model(config.model, shape).to(device, memory_format=torch.channels_last)
@@ -319,29 +321,11 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
         x, y = data.x[index], data.y[index]
         if config.augment != "none":
             x = augment_batch(x, config.augment, generator)
-        short = len(index) < config.batch_size
-        if graph and not short:
+        if graph and len(index) == config.batch_size:
             graph.step(x, y)
         else:
-            with cudnn_heuristics() if short else nullcontext():
-                train_step(model, optimizer, data.normalise, x, y, autocast, totals)
+            train_step(model, optimizer, data.normalise, x, y, autocast, totals)
     return totals.loss.item() / len(data), totals.correct.item() / len(data)
-
-
-@contextmanager
-def cudnn_heuristics() -> Iterator[None]:
-    """cuDNN chooses its algorithms by heuristics inside the block instead of timing each (cudnn.benchmark).
-
-    Timing repays itself on the full batch, trained about 1,400 times an epoch, not on the epoch's one short
-    last batch: a shape of its own, whose timings (forward and both backward passes of every convolution)
-    would all fall in the first epoch, when every trial on the GPU is timing its own.
-    """
-    timed = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = timed
 
 
 class EpochTotals:
