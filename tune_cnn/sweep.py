@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -456,8 +457,22 @@ def result_loggers(tensorboard: bool) -> list:
     torch into the sweep's driver as the trials start (importing torch takes 1.3-1.4 s on a 2-core CPU)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # read when the sweep starts: only these loggers
     return [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if tensorboard else [])
+
+
+@contextmanager
+def only_our_loggers() -> Iterator[None]:
+    """Tune adds its default loggers unless this is set when the sweep starts; unset after it, since a process
+    that runs several sweeps (the tests) may run a Tuner without loggers of its own."""
+    previous = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = previous
 
 
 def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args: argparse.Namespace):
@@ -470,11 +485,11 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args
     warn_if_storage_is_not_shared(experiment)
     if args.resume:
         restored = make_trainable(space, data, resources)
-        tuner = Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True)
-    else:
-        experiment.write_metadata(sweep_metadata(space, data))
-        tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
-    return tuner.fit()
+        return Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True).fit()
+    experiment.write_metadata(sweep_metadata(space, data))
+    tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
+    with only_our_loggers():
+        return tuner.fit()
 
 
 def warn_if_storage_is_not_shared(experiment: Experiment) -> None:
