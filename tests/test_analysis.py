@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +311,27 @@ def test_each_plot_has_its_panels(seed_experiment: Path):
     assert len(analysis.plot_grouped(df, "conv_width").axes) == 3
     assert len(analysis.plot_grouped(df, "epoch").axes) == 3
     assert len(analysis.plot_effects(analysis.effects(df), analysis.importance(df)).axes) == 2
+
+
+def test_plots_drawn_by_other_processes_are_those_drawn_here(seed_experiment: Path, tmp_path: Path):
+    here = analysis.write_analysis(seed_experiment, out=tmp_path / "here")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as plotters:
+        there = analysis.write_analysis(seed_experiment, out=tmp_path / "there", plotters=plotters)
+    assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in there.iterdir())
+    assert (there / "report.md").read_text() == (here / "report.md").read_text()
+    pngs = sorted(here.glob("*.png"))
+    assert len(pngs) == 5 and all((there / png.name).read_bytes() == png.read_bytes() for png in pngs)
+
+
+def refuse_to_start() -> None:
+    raise RuntimeError("this process cannot draw")
+
+
+def test_plots_are_drawn_here_when_the_plotting_processes_have_died(seed_experiment: Path, tmp_path: Path):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=refuse_to_start) as broken:
+        folder = analysis.write_analysis(seed_experiment, out=tmp_path / "analysis", plotters=broken)
+    for name in ("learning_curves", "by_pooling", "by_conv_width", "by_epoch", "effects"):
+        assert_png(folder / f"{name}.png")
 
 
 def test_the_command_line_writes_where_asked_and_warns_about_incomplete_trials(tmp_path: Path, capsys: pytest.CaptureFixture):

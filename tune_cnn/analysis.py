@@ -18,7 +18,8 @@ import math
 import posixpath
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -606,6 +607,31 @@ def _save(figure: Any, path: Path) -> str:
     return path.name
 
 
+def _draw_and_save(plot: Callable[..., Any], args: tuple, path: Path) -> str:
+    return _save(plot(*args), path)
+
+
+def _draw(drawings: dict[str, tuple[str, Callable[..., Any], tuple]], folder: Path, plotters: Executor | None) -> dict[str, str]:
+    """Each plot's file name by key, drawn by `plotters` at once, or here one after another (also where one of
+    those processes has died)."""
+    if plotters is not None:
+        try:
+            drawn = {key: plotters.submit(_draw_and_save, plot, args, folder / name) for key, (name, plot, args) in drawings.items()}
+            return {key: future.result() for key, future in drawn.items()}
+        except BrokenExecutor:
+            pass
+    return {key: _draw_and_save(plot, args, folder / name) for key, (name, plot, args) in drawings.items()}
+
+
+def prepare_plotting() -> None:
+    """Load matplotlib and draw a first figure, which loads the fonts and the PNG writer: for a process that
+    will draw plots later and should not spend that time then."""
+    plt = _pyplot()
+    figure = plt.figure()
+    figure.savefig(io.BytesIO(), format="png")
+    plt.close(figure)
+
+
 # --- Report ------------------------------------------------------------------------------------------------
 
 
@@ -720,33 +746,35 @@ def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect
 
 
 def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str] | None = None,
-                   at_epochs: list[int] | None = None) -> Path | str:
+                   at_epochs: list[int] | None = None, plotters: Executor | None = None) -> Path | str:
     """Write results, summaries, plots and report.md; return the folder (EXPERIMENT/analysis by default).
 
     An experiment on cloud storage gets its analysis written locally first, then copied next to it.
+    With `plotters` (processes, such as the sweep's PlotWorkers), the plots are drawn there, all at once.
     """
-    return analyse_into(load(experiment), experiment, out, by, at_epochs)
+    return analyse_into(load(experiment), experiment, out, by, at_epochs, plotters)
 
 
 def analyse_into(df: pd.DataFrame, experiment: str | Path, out: Path | None = None, by: list[str] | None = None,
-                 at_epochs: list[int] | None = None) -> Path | str:
+                 at_epochs: list[int] | None = None, plotters: Executor | None = None) -> Path | str:
     """write_analysis for an experiment already loaded as `df`."""
     storage = Storage.open(experiment)
     local = out is not None or "://" not in str(experiment)
     target = Path(out) if out is not None else (Path(storage.location) / "analysis" if local else f"{storage.location}/analysis")
     try:
         if local:
-            _write_files(df, target, by, at_epochs)
+            _write_files(df, target, by, at_epochs, plotters)
             return target
         with tempfile.TemporaryDirectory(prefix="tune_cnn_analysis_") as folder:
-            _write_files(df, Path(folder), by, at_epochs)
+            _write_files(df, Path(folder), by, at_epochs, plotters)
             storage.upload(Path(folder), "analysis")
         return target
     except OSError as error:  # a read-only or full disk, or a bucket without write access
         raise AnalysisError(f"cannot write the analysis to {target} ({error.strerror or error}); choose a writable folder with --out") from None
 
 
-def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None) -> None:
+def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None,
+                 plotters: Executor | None) -> None:
     settings = list(by) if by is not None else context(df).swept
     _check_columns(df, settings)
     if len(df):
@@ -765,10 +793,11 @@ def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs
     diagnosis.to_csv(folder / "trials.csv", index=False)
     effect_table.to_csv(folder / "effects.csv", index=False)
     importance_table.to_csv(folder / "importance.csv", index=False)
-    plots = {key: _save(plot_grouped(df, key, at_epochs), folder / f"by_{key}.png") for key in summaries}
-    plots["learning_curves"] = _save(plot_learning_curves(df, next(iter(settings), None)), folder / "learning_curves.png")
+    drawings = {key: (f"by_{key}.png", plot_grouped, (df, key, at_epochs)) for key in summaries}
+    drawings["learning_curves"] = ("learning_curves.png", plot_learning_curves, (df, next(iter(settings), None)))
     if len(effect_table):
-        plots["effects"] = _save(plot_effects(effect_table, importance_table), folder / "effects.png")
+        drawings["effects"] = ("effects.png", plot_effects, (effect_table, importance_table))
+    plots = _draw(drawings, folder, plotters)
     (folder / "report.md").write_text(report_markdown(df, summaries, effect_table, importance_table, diagnosis, plots))
 
 
