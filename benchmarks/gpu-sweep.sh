@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Where the whole seed sweep's wall clock goes on the lent GPU machine, under CUDA MPS, in one call:
 #   1. the CUDA tests (the engine's captured steps against eager, with torch.compile, resume; the optimizers
-#      against torch.optim's); TESTS=no skips them;
+#      against torch.optim's); TESTS=no skips them, TESTS=last runs them at the end instead;
 #      with ONE_TRIAL=yes, then one trial of the seed model alone (no MPS) for 5 epochs, cuDNN's algorithms by
 #      heuristics (the engine's default) and timed (benchmarks/trial_phases.py --cudnn-benchmark);
-#   2. the whole seed sweep through Ray, 30 epochs, $SWEEPS times (default 1): wall clock from command to
-#      analysis, the trials' timeline and the sweep's output lines stamped with when they came
-#      (bench.time_seed_sweep), into sweep.json, a list with one entry per sweep;
+#   2. the whole seed sweep through Ray, 30 epochs, once for each name in $SWEEPS (default "this"): wall clock
+#      from command to analysis, the trials' timeline and the sweep's output lines stamped with when they came
+#      (bench.time_seed_sweep), into sweep.json, a list with one entry per sweep. this: this checkout's code;
+#      preload: the same with RAY_preload_python_modules=torch (Ray's workers import torch as they start, before
+#      a trial is theirs); baseline: the tune_cnn and search_spaces in $BASELINE (git archive COMMIT tune_cnn
+#      search_spaces), with nothing of this checkout's on the Python path;
 #   3. the seed space's six trials as plain processes, six at once, each timing its phases for $PHASES_EPOCHS
 #      epochs (default 3; benchmarks/trial_phases.py), for each name in $PHASES (default "baseline engine fp32"):
 #      baseline, the tune_cnn in $BASELINE where that folder is carried (an earlier commit's, for a before and
@@ -35,10 +38,11 @@ echo "gpu-sweep.sh: Ray ready after ${SECONDS} s"
 python3 -c "import sys; from tune_cnn.data import load_data; print(load_data(sys.argv[1]).describe())" "$data"
 echo "gpu-sweep.sh: data cached after ${SECONDS} s"
 
-if [ "${TESTS:-yes}" != no ]; then
+cuda_tests() {
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_optim.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
     echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
-fi
+}
+[ "${TESTS:-yes}" = yes ] && cuda_tests
 if [ "${ONE_TRIAL:-no}" = yes ]; then
     for choice in "" --cudnn-benchmark; do
         timeout 90 python3 benchmarks/trial_phases.py --data "$data" --at-once 1 --epochs 5 --set padding=valid \
@@ -51,18 +55,25 @@ if [ "${ONE_TRIAL:-no}" = yes ]; then
 fi
 start_mps
 
-sweeps=${SWEEPS:-1}
-timeout $((150 * sweeps)) python3 - "$data" "$out/sweep.json" "$sweeps" <<'PY'
-import json, sys, tempfile
+timeout $((150 * $(wc -w <<< "${SWEEPS:-this}"))) python3 - "$data" "$out/sweep.json" "${BASELINE:-}" ${SWEEPS:-this} <<'PY'
+import json, os, sys, tempfile
 from pathlib import Path
 from tune_cnn.bench import time_seed_sweep
+data, out, baseline, names = str(Path(sys.argv[1]).resolve()), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+environment = dict(os.environ)
 runs = []
-for _ in range(int(sys.argv[3])):
+for name in names:
+    os.environ.clear()
+    os.environ.update(environment)
+    if name == "preload":
+        os.environ["RAY_preload_python_modules"] = "torch"
+    if name == "baseline":  # Ray only: the sweep's driver and its workers find tune_cnn in the baseline's folder
+        os.environ["PYTHONPATH"] = "/tmp/site"
     with tempfile.TemporaryDirectory() as folder:
-        figures = time_seed_sweep(sys.argv[1], Path(folder))
-    runs.append(figures)
-    Path(sys.argv[2]).write_text(json.dumps(runs, indent=1) + "\n")
-    print(f"seed sweep: analysis written at {figures['analysis_written_s']} s, {figures['seconds']:.1f} s to exit {figures['returncode']}; "
+        figures = time_seed_sweep(data, Path(folder), Path(baseline).resolve() if name == "baseline" else None)
+    runs.append({"variant": name, **figures})
+    out.write_text(json.dumps(runs, indent=1) + "\n")
+    print(f"seed sweep, {name}: analysis written at {figures['analysis_written_s']} s, {figures['seconds']:.1f} s to exit {figures['returncode']}; "
           f"timeline {json.dumps(figures['timeline'])}")
     for at, line in figures["output"]:
         if not line.startswith(("Current time", "Using FIFO", "Logical resource", "Result logdir", "Current best", "|", "+")) and line.strip():
@@ -76,13 +87,14 @@ phases() {  # NAME [options]
     timeout 120 python3 benchmarks/trial_phases.py --data "$data" --at-once 6 --epochs "${PHASES_EPOCHS:-3}" --out "$out/phases-$name.json" "$@"
     echo "gpu-sweep.sh: phases $name done after ${SECONDS} s"
 }
-for name in ${PHASES:-baseline engine fp32}; do
+for name in ${PHASES-baseline engine fp32}; do
     case $name in
         baseline) [ -n "${BASELINE:-}" ] && phases baseline --code "$BASELINE" ;;
         engine) phases engine ;;
         fp32) phases fp32 --set precision=fp32 ;;
     esac
 done
+[ "${TESTS:-yes}" = last ] && cuda_tests
 stop_mps
 kill %1
 echo "gpu-sweep.sh: ${SECONDS} s in all"

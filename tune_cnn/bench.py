@@ -455,14 +455,15 @@ def floor(config: TrainConfig, shape: InputShape, rate: float) -> dict[str, floa
 # --- The whole seed sweep ----------------------------------------------------------------------------------
 
 
-def time_seed_sweep(source: str, folder: Path) -> dict[str, Any]:
+def time_seed_sweep(source: str, folder: Path, code: Path | None = None) -> dict[str, Any]:
     """Wall clock of `python -m tune_cnn.sweep seed` from the command's start to its analysis written and to its
     exit, with the trials' timeline and each line of the sweep's output stamped with when it came (progress
-    tables left out)."""
-    command = [sys.executable, "-u", "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder), "--name", "bench_seed"]
+    tables left out). `code`: run the tune_cnn and search_spaces in that folder (an earlier commit's, from
+    `git archive`) instead of the ones Python finds from here."""
+    command = [sys.executable, "-u", "-m", "tune_cnn.sweep", "seed", "--data", source, "--storage", str(folder.resolve()), "--name", "bench_seed"]
     started_at, start = time.time(), time.perf_counter()
     lines: list[tuple[float, str]] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=code) as run:
         for line in run.stdout:
             lines.append((round(time.perf_counter() - start, 2), line.rstrip()))
     seconds = time.perf_counter() - start
