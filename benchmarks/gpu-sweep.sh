@@ -21,8 +21,9 @@
 #
 # From the repository root on the machine with the device tool (ray-bundle.sh builds .whl/site.tar.xz):
 #   bash benchmarks/ray-bundle.sh; mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
-#   optional baseline: mkdir -p .whl/old && git archive COMMIT tune_cnn | tar x -C .whl/old
-#   device run, carry [".data", ".whl"], timeout_s 300:  BASELINE=.whl/old bash benchmarks/gpu-sweep.sh
+#   optional baseline: mkdir -p .whl/old && git archive COMMIT tune_cnn search_spaces | tar x -C .whl/old
+#   device run, carry [".data", ".whl"], timeout_s 300:  BASELINE=.whl/old OUT=$OUT bash benchmarks/gpu-sweep.sh
+#   the latest (368 s): TESTS=last PHASES="" SWEEPS="this preload baseline this preload" BASELINE=.whl/93fa4c5 ...
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 source benchmarks/gpu-env.sh
