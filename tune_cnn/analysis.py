@@ -750,7 +750,7 @@ def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str
     """Write results, summaries, plots and report.md; return the folder (EXPERIMENT/analysis by default).
 
     An experiment on cloud storage gets its analysis written locally first, then copied next to it.
-    With `plotters` (processes, such as the sweep's PlotWorkers), the plots are drawn there, all at once.
+    With `plotters` (processes, such as `sweep.plot_workers`), the plots are drawn there, all at once.
     """
     return analyse_into(load(experiment), experiment, out, by, at_epochs, plotters)
 

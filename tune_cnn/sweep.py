@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     experiment.check(resume=args.resume, metadata=metadata)
     print(data.describe(), flush=True)
     # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
-    with ray_session(args.address), plot_workers(len(space.swept) + 3) as plotters:
+    plots = len(space.swept) + 3  # one by each swept setting, by epoch, the learning curves, the effects
+    with ray_session(args.address), plot_workers(plots) as plotters:
         results = run_sweep(space, data, experiment, args)
         experiment.check_writable()  # trials that could not save have errored; say why, once
         return report_results(results, space, experiment, plotters)
