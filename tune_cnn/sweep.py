@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
     plots = len(space.swept) + 3  # one by each swept setting, by epoch, the learning curves, the effects
     with ray_session(args.address), plot_workers(plots) as plotters:
-        results = run_sweep(space, data, experiment, args)
+        results = run_sweep(space, data, experiment, metadata, args)
         experiment.check_writable()  # trials that could not save have errored; say why, once
         return report_results(results, space, experiment, plotters)
 
@@ -479,7 +479,7 @@ def only_our_loggers() -> Iterator[None]:
             os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = previous
 
 
-def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args: argparse.Namespace):
+def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, metadata: dict[str, Any], args: argparse.Namespace):
     from ray.tune import Tuner
 
     # After Ctrl-C, trials that never started have no results; Ray warns about each, with a FileNotFoundError,
@@ -490,7 +490,7 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, args
     if args.resume:
         restored = make_trainable(space, data, resources)
         return Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True).fit()
-    experiment.write_metadata(sweep_metadata(space, data))
+    experiment.write_metadata(metadata)
     tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
     with only_our_loggers():
         return tuner.fit()
