@@ -12,9 +12,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from tune_cnn.errors import ConfigError
 
-AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
-
-
+Augment = Literal["none", "flip", "crop", "crop_flip"]
+AUGMENTATIONS = get_args(Augment)
 Padding = Literal["valid", "same"]
 Pooling = Literal["max", "avg"]
 
@@ -114,7 +113,7 @@ class TrainConfig:
     epochs: int = 10
     checkpoint_every: int = 10
     seed: int = 0
-    augment: Literal["none", "flip", "crop", "crop_flip"] = "none"
+    augment: Augment = "none"
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
