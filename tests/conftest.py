@@ -203,6 +203,10 @@ def kill_driver_then_resume(args: list[str], experiment: Path, checkpoints: int)
     run.finish()
     finished = {t["folder"]: (experiment / t["folder"] / "result.json").read_text() for t in before if t["status"] == "TERMINATED"}
     interrupted = next(t for t in before if t["status"] == "RUNNING")
+    # The worst moment for the kill: while the driver uploads the interrupted trial's result files, which it
+    # rewrites whole (in two test runs a resumed trial then lacked its first epochs). The resume starts from these.
+    for name in ("result.json", "progress.csv"):
+        (experiment / interrupted["folder"] / name).write_text("")
 
     code, output = Sweep(*args, "--resume").finish()
     assert code == 0, output[-3000:]

@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import synthetic_splits
 from tune_cnn import analysis
 from tune_cnn.analysis import AnalysisError, METRICS
+from tune_cnn.config import CHECKPOINT_REPORTS
 
 POOLINGS, WIDTHS, EPOCHS = ("max", "avg"), (3, 5, 7), 6
 NOISE = {("max", 3): 0.004, ("max", 5): -0.003, ("max", 7): 0.0, ("avg", 3): -0.002, ("avg", 5): 0.005, ("avg", 7): -0.001}
@@ -127,6 +128,20 @@ def test_epochs_lost_from_result_json_on_a_retry_come_from_progress_csv(tmp_path
     df = analysis.load(experiment)
     assert list(df["epoch"]) == [1, 2, 3, 4]
     assert df["val_acc"].tolist() == pytest.approx([curve("max", 3, 1)["val_acc"], curve("max", 3, 2)["val_acc"], 0.9, 0.9])
+
+
+def test_epochs_lost_from_both_result_files_come_from_the_newest_readable_checkpoint(tmp_path: Path):
+    experiment = tmp_path / "killed"
+    reports = [curve("max", 3, e) for e in range(1, 5)]
+    folder, _ = write_trial(experiment, 0, {**seed_params("max", 3), "epochs": 4}, [{**reports[2], "val_acc": 0.9}, reports[3]])
+    for index, (saved, text) in enumerate([(1, None), (2, None), (3, '[{"epoch": 1, "val'), (None, None)], start=1):
+        checkpoint = folder / f"checkpoint_{index:06d}"  # the newest, cut short by a kill, and one without reports
+        checkpoint.mkdir()
+        if saved or text:
+            (checkpoint / CHECKPOINT_REPORTS).write_text(text or json.dumps(reports[:saved]))
+    df = analysis.load(experiment)
+    assert list(df["epoch"]) == [1, 2, 3, 4]
+    assert df["val_acc"].tolist() == pytest.approx([reports[0]["val_acc"], reports[1]["val_acc"], 0.9, reports[3]["val_acc"]])
 
 
 def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
 from tune_cnn import analysis, sweep
+from tune_cnn.config import CHECKPOINT_REPORTS
 from tune_cnn.space import load_space
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
@@ -82,6 +83,9 @@ def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Pa
         assert {"val_acc", "val_loss", "test_acc", "trial_seed", "node_id"} <= set(history[-1])
         checkpoints = sorted(p.name for p in (experiment / name).glob("checkpoint_*"))
         assert len(checkpoints) == 2 and all((experiment / name / c / "checkpoint.pt").exists() for c in checkpoints)
+        for epoch, checkpoint in enumerate(checkpoints, start=1):  # every report so far, as result.json has them
+            saved = json.loads((experiment / name / checkpoint / CHECKPOINT_REPORTS).read_text())
+            assert saved == [{k: r[k] for k in saved[0]} for r in history[:epoch]]
         assert (experiment / name / "progress.csv").exists() and not list((experiment / name).glob("events.out.tfevents*"))
     settings = {(h[-1]["config"]["pooling"], h[-1]["config"]["conv_width"]) for h in results.values()}
     assert settings == {(p, w) for p in ("max", "avg") for w in (3, 5)}

@@ -2,10 +2,11 @@
 
     python -m tune_cnn.analysis EXPERIMENT [--by SETTING ...] [--epochs 10 20 30] [--out DIR]
 
-`load()` reads Ray Tune's files directly (params.json, result.json, error.txt and the newest
-experiment_state-*.json in each trial folder), so it needs neither a running Ray nor the trainable, and
-reads interrupted sweeps as well as finished ones. The sweep's `tune_cnn.json` names the swept settings and
-the snapshot epochs; without it both are worked out from the trials.
+`load()` reads Ray Tune's files directly (params.json, result.json, progress.csv and error.txt in each trial
+folder, the reports the trial saved with its newest checkpoint, and the newest experiment_state-*.json), so it
+needs neither a running Ray nor the trainable, and reads interrupted sweeps as well as finished ones. The
+sweep's `tune_cnn.json` names the swept settings and the snapshot epochs; without it both are worked out from
+the trials.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from tune_cnn.config import TrainConfig
+from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
 from tune_cnn.errors import CommandParser, TuneCnnError, exit_on_user_error
 
 METADATA_FILE = "tune_cnn.json"
@@ -187,22 +188,39 @@ def _read_trial(storage: Storage, folder: str, state: tuple[str, str] | None) ->
     params = json.loads(storage.read_text(f"{folder}/params.json") or "null")
     if not isinstance(params, dict):
         return None
-    reports = _merge_reports(storage.read_text(f"{folder}/result.json") or "", storage.read_text(f"{folder}/progress.csv") or "")
+    files, subfolders = storage.listing(folder)
+    reports = _merge_reports(storage.read_text(f"{folder}/result.json") or "", storage.read_text(f"{folder}/progress.csv") or "",
+                             _checkpoint_reports(storage, folder, subfolders))
     trial_id = state[0] if state else next((r["trial_id"] for r in reports if "trial_id" in r), folder)
     settings = _settings(params, reports)
-    has_error_file = bool({"error.txt", "error.pkl"} & set(storage.listing(folder)[0]))
+    has_error_file = bool({"error.txt", "error.pkl"} & set(files))
     status = _status(reports, settings["epochs"], state[1] if state else None, has_error_file)
     return TrialRecord(trial_id, settings, reports, status)
 
 
-def _merge_reports(result_json: str, progress_csv: str) -> list[dict[str, Any]]:
+def _merge_reports(result_json: str, progress_csv: str, checkpointed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One report per epoch, in epoch order: the latest report of an epoch reported twice (after a restore).
 
-    When Ray retries a trial it copies result.json and progress.csv onto themselves (on local storage the
-    "remote" copy is the same file), which can drop earlier lines of either; each file fills the other's gaps.
+    Ray's driver uploads result.json and progress.csv by rewriting them whole, so a driver killed during an
+    upload leaves them cut short, and a resumed sweep carries on from those copies. Each file fills the other's
+    gaps, and the reports the trial saved with its newest checkpoint (tune_cnn.sweep.saved_reports) fill what
+    both lost.
     """
-    return sorted({**_latest_per_epoch(_csv_reports(progress_csv)), **_latest_per_epoch(json_reports(result_json))}.values(),
-                  key=lambda r: r["epoch"])
+    merged = {**_latest_per_epoch(checkpointed), **_latest_per_epoch(_csv_reports(progress_csv)),
+              **_latest_per_epoch(json_reports(result_json))}
+    return sorted(merged.values(), key=lambda r: r["epoch"])
+
+
+def _checkpoint_reports(storage: Storage, folder: str, subfolders: list[str]) -> list[dict[str, Any]]:
+    """The reports saved with the trial's newest checkpoint that has readable ones; [] where none has."""
+    for name in sorted((f for f in subfolders if f.startswith("checkpoint_")), reverse=True):  # zero-padded indices
+        try:
+            reports = json.loads(storage.read_text(f"{folder}/{name}/{CHECKPOINT_REPORTS}") or "null")
+        except ValueError:  # a trial killed while uploading its checkpoint
+            continue
+        if isinstance(reports, list):
+            return [r for r in reports if isinstance(r, dict) and "epoch" in r]
+    return []
 
 
 def _latest_per_epoch(reports: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

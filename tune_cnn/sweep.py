@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from tune_cnn.config import TrainConfig
+from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
 from tune_cnn.data import DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
@@ -65,18 +65,34 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     seed = trial_seed(sweep_seed, params)
     config = TrainConfig.from_flat({**params, "seed": seed})
-    resume = None
+    resume, reports = None, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder))
+            resume, reports = load_checkpoint(Path(folder)), saved_reports(Path(folder))
     # Where a trial ran and with which seed, for clusters and for reruns.
     extra = {"trial_seed": seed, "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict[str, float], folder: Path | None) -> None:
-        tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+        reports.append({**metrics, **extra})
+        if folder:
+            (folder / CHECKPOINT_REPORTS).write_text(json.dumps(reports))
+        tune.report(dict(reports[-1]), checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     train(config, data, report, resume)
+
+
+def saved_reports(checkpoint: Path) -> list[dict[str, Any]]:
+    """The reports a trial saved with its checkpoint, epoch 1 onwards (none in checkpoints of older versions).
+
+    Why the trial keeps them: Ray's driver writes result.json and progress.csv and uploads them to storage by
+    rewriting them whole, every second in the tests and every 10 s or more by default. A driver killed during an
+    upload leaves them cut short, and a resumed trial carries on from those copies (in a test run, one lacked
+    its first six epochs). Checkpoints are uploaded by the trials themselves, so the analysis fills gaps from
+    the newest one's reports.
+    """
+    path = checkpoint / CHECKPOINT_REPORTS
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def quiet_interrupts_in_callbacks(unraisable: Any) -> None:
