@@ -130,18 +130,21 @@ def test_epochs_lost_from_result_json_on_a_retry_come_from_progress_csv(tmp_path
     assert df["val_acc"].tolist() == pytest.approx([curve("max", 3, 1)["val_acc"], curve("max", 3, 2)["val_acc"], 0.9, 0.9])
 
 
-def test_epochs_lost_from_both_result_files_come_from_the_newest_readable_checkpoint(tmp_path: Path):
+def test_what_a_killed_driver_cut_short_comes_from_the_newest_readable_checkpoint(tmp_path: Path):
     experiment = tmp_path / "killed"
-    reports = [curve("max", 3, e) for e in range(1, 5)]
-    folder, _ = write_trial(experiment, 0, {**seed_params("max", 3), "epochs": 4}, [{**reports[2], "val_acc": 0.9}, reports[3]])
-    for index, (saved, text) in enumerate([(1, None), (2, None), (3, '[{"epoch": 1, "val'), (None, None)], start=1):
+    params, reports = {**seed_params("avg", 5), "epochs": 4}, [curve("avg", 5, e) for e in range(1, 5)]
+    folder, _ = write_trial(experiment, 0, params, [{**reports[2], "val_acc": 0.9}, reports[3]])  # result.json lost 1-2
+    (folder / "params.json").write_text('{"model": "seed_cnn", "pool')
+    for index, (saved, text) in enumerate([(1, None), (2, None), (3, '{"params": {"model": "se'), (None, None)], start=1):
         checkpoint = folder / f"checkpoint_{index:06d}"  # the newest, cut short by a kill, and one without reports
         checkpoint.mkdir()
         if saved or text:
-            (checkpoint / CHECKPOINT_REPORTS).write_text(text or json.dumps(reports[:saved]))
-    df = analysis.load(experiment)
-    assert list(df["epoch"]) == [1, 2, 3, 4]
+            (checkpoint / CHECKPOINT_REPORTS).write_text(text or json.dumps({"params": params, "reports": reports[:saved]}))
+    write_trial(experiment, 1, seed_params("max", 3), [curve("max", 3, 1)])[0].joinpath("params.json").write_text("{")
+    df = analysis.load(experiment)  # the second trial, with nothing to read its settings from, is left out
+    assert list(df["epoch"]) == [1, 2, 3, 4] and df["trial_id"].nunique() == 1
     assert df["val_acc"].tolist() == pytest.approx([reports[0]["val_acc"], reports[1]["val_acc"], 0.9, reports[3]["val_acc"]])
+    assert (df["pooling"] == "avg").all() and (df["conv_width"] == 5).all() and df["status"].iloc[0] == "finished"
 
 
 def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):

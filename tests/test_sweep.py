@@ -85,7 +85,8 @@ def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Pa
         assert len(checkpoints) == 2 and all((experiment / name / c / "checkpoint.pt").exists() for c in checkpoints)
         for epoch, checkpoint in enumerate(checkpoints, start=1):  # every report so far, as result.json has them
             saved = json.loads((experiment / name / checkpoint / CHECKPOINT_REPORTS).read_text())
-            assert saved == [{k: r[k] for k in saved[0]} for r in history[:epoch]]
+            assert saved["reports"] == [{k: r[k] for k in saved["reports"][0]} for r in history[:epoch]]
+            assert saved["params"] == json.loads((experiment / name / "params.json").read_text())
         assert (experiment / name / "progress.csv").exists() and not list((experiment / name).glob("events.out.tfevents*"))
     settings = {(h[-1]["config"]["pooling"], h[-1]["config"]["conv_width"]) for h in results.values()}
     assert settings == {(p, w) for p in ("max", "avg") for w in (3, 5)}

@@ -185,17 +185,28 @@ def _trial_states(storage: Storage, files: list[str]) -> dict[str, tuple[str, st
 
 
 def _read_trial(storage: Storage, folder: str, state: tuple[str, str] | None) -> TrialRecord | None:
-    params = json.loads(storage.read_text(f"{folder}/params.json") or "null")
+    files, subfolders = storage.listing(folder)
+    saved = _checkpoint_record(storage, folder, subfolders)
+    # params.json is rewritten with every upload too: one cut short by a killed driver is read from the checkpoint.
+    params = _json_object(storage.read_text(f"{folder}/params.json")) or saved.get("params")
     if not isinstance(params, dict):
         return None
-    files, subfolders = storage.listing(folder)
     reports = _merge_reports(storage.read_text(f"{folder}/result.json") or "", storage.read_text(f"{folder}/progress.csv") or "",
-                             _checkpoint_reports(storage, folder, subfolders))
+                             saved.get("reports", []))
     trial_id = state[0] if state else next((r["trial_id"] for r in reports if "trial_id" in r), folder)
     settings = _settings(params, reports)
     has_error_file = bool({"error.txt", "error.pkl"} & set(files))
     status = _status(reports, settings["epochs"], state[1] if state else None, has_error_file)
     return TrialRecord(trial_id, settings, reports, status)
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    """A JSON object's text as a dict; None for no text, a file cut short, or anything but an object."""
+    try:
+        value = json.loads(text or "null")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _merge_reports(result_json: str, progress_csv: str, checkpointed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,16 +222,14 @@ def _merge_reports(result_json: str, progress_csv: str, checkpointed: list[dict[
     return sorted(merged.values(), key=lambda r: r["epoch"])
 
 
-def _checkpoint_reports(storage: Storage, folder: str, subfolders: list[str]) -> list[dict[str, Any]]:
-    """The reports saved with the trial's newest checkpoint that has readable ones; [] where none has."""
+def _checkpoint_record(storage: Storage, folder: str, subfolders: list[str]) -> dict[str, Any]:
+    """The params and reports saved with the trial's newest checkpoint that has readable ones (see
+    tune_cnn.sweep.saved_reports); {} where none has, as in checkpoints written outside tune_cnn's sweeps."""
     for name in sorted((f for f in subfolders if f.startswith("checkpoint_")), reverse=True):  # zero-padded indices
-        try:
-            reports = json.loads(storage.read_text(f"{folder}/{name}/{CHECKPOINT_REPORTS}") or "null")
-        except ValueError:  # a trial killed while uploading its checkpoint
-            continue
-        if isinstance(reports, list):
-            return [r for r in reports if isinstance(r, dict) and "epoch" in r]
-    return []
+        record = _json_object(storage.read_text(f"{folder}/{name}/{CHECKPOINT_REPORTS}"))  # None: cut short by a kill
+        if record and isinstance(record.get("reports"), list):
+            return {"params": record.get("params"), "reports": [r for r in record["reports"] if isinstance(r, dict) and "epoch" in r]}
+    return {}
 
 
 def _latest_per_epoch(reports: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

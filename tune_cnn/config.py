@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from tune_cnn.errors import ConfigError
 
-# Each sweep checkpoint's copy of its trial's reports so far, written by the trial itself (tune_cnn.sweep) and
+# Each sweep checkpoint's copy of its trial's params and reports so far, written by the trial (tune_cnn.sweep) and
 # read by tune_cnn.analysis: named here because both read this module and neither imports the other.
 CHECKPOINT_REPORTS = "reports.json"
 

@@ -76,23 +76,24 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
     def report(metrics: dict[str, float], folder: Path | None) -> None:
         reports.append({**metrics, **extra})
         if folder:
-            (folder / CHECKPOINT_REPORTS).write_text(json.dumps(reports))
+            (folder / CHECKPOINT_REPORTS).write_text(json.dumps({"params": params, "reports": reports}))
         tune.report(dict(reports[-1]), checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     train(config, data, report, resume)
 
 
 def saved_reports(checkpoint: Path) -> list[dict[str, Any]]:
-    """The reports a trial saved with its checkpoint, epoch 1 onwards (none in checkpoints of older versions).
+    """The reports a trial saved with its checkpoint, epoch 1 onwards (none in checkpoints of older versions),
+    beside its params.
 
-    Why the trial keeps them: Ray's driver writes result.json and progress.csv and uploads them to storage by
+    Why the trial keeps them: Ray's driver writes params.json, result.json and progress.csv and uploads them by
     rewriting them whole, every second in the tests and every 10 s or more by default. A driver killed during an
     upload leaves them cut short, and a resumed trial carries on from those copies (in a test run, one lacked
     its first six epochs). Checkpoints are uploaded by the trials themselves, so the analysis fills gaps from
-    the newest one's reports.
+    the newest one's params and reports.
     """
     path = checkpoint / CHECKPOINT_REPORTS
-    return json.loads(path.read_text()) if path.is_file() else []
+    return json.loads(path.read_text())["reports"] if path.is_file() else []
 
 
 def quiet_interrupts_in_callbacks(unraisable: Any) -> None:
