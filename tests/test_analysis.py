@@ -140,9 +140,11 @@ def test_what_a_killed_driver_cut_short_comes_from_the_newest_readable_checkpoin
         checkpoint.mkdir()
         if saved or text:
             (checkpoint / CHECKPOINT_REPORTS).write_text(text or json.dumps({"params": params, "reports": reports[:saved]}))
-    write_trial(experiment, 1, seed_params("max", 3), [curve("max", 3, 1)])[0].joinpath("params.json").write_text("{")
-    df = analysis.load(experiment)  # the second trial, with nothing to read its settings from, is left out
+    unreadable, _ = write_trial(experiment, 1, seed_params("max", 3), [curve("max", 3, 1)])
+    (unreadable / "params.json").write_text("{")
+    df = analysis.load(experiment)  # the second trial, with nothing to read its settings from, is left out, and said to be
     assert list(df["epoch"]) == [1, 2, 3, 4] and df["trial_id"].nunique() == 1
+    assert df.attrs["incomplete"] == {unreadable.name: "settings unreadable"}
     assert df["val_acc"].tolist() == pytest.approx([reports[0]["val_acc"], reports[1]["val_acc"], 0.9, reports[3]["val_acc"]])
     assert (df["pooling"] == "avg").all() and (df["conv_width"] == 5).all() and df["status"].iloc[0] == "finished"
 

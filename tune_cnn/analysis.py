@@ -34,6 +34,7 @@ from tune_cnn.errors import CommandParser, TuneCnnError, exit_on_user_error
 METADATA_FILE = "tune_cnn.json"
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
 FINISHED, STOPPED, ERRORED, RUNNING = "finished", "stopped early", "errored", "running"
+UNREADABLE = "settings unreadable"  # params.json and every checkpoint's copy cut short: left out of the rows
 STATS = ("mean", "std", "count", "min", "max")
 At = Literal["epochs", "last", "best"]
 # A setting with more distinct numeric values than this (an Optuna range) is split at its median: groups of
@@ -129,23 +130,25 @@ def load(path: str | Path) -> pd.DataFrame:
 
     A restored trial reports some epochs twice; the latest report wins. `df.attrs` holds the experiment,
     the swept settings, the snapshot epochs, the sweep's metric and mode, and `incomplete`: trial id ->
-    status for every trial that has not finished.
+    status for every trial that has not finished, or whose settings could not be read (it has no rows).
     """
     storage = Storage.open(path)
     files, folders = _experiment_listing(storage)
     metadata = json.loads(storage.read_text(METADATA_FILE) or "{}") if METADATA_FILE in files else {}
     states = _trial_states(storage, files)
-    trials = [t for t in (_read_trial(storage, name, states.get(name)) for name in folders) if t is not None]
+    records = {name: _read_trial(storage, name, states.get(name)) for name in folders}
+    trials = [t for t in records.values() if t is not None]
     frame = _tidy_frame(trials)
     # Ray knows trials that never wrote params.json: queued ones, and ones whose worker failed to start.
     unstarted = {trial_id: ERRORED if state == "ERROR" else "not started" for name, (trial_id, state) in states.items() if name not in folders}
+    unreadable = {states.get(name, (name,))[0]: UNREADABLE for name, record in records.items() if record is None}
     context = ExperimentContext(
         experiment=storage.location,
         swept=list(metadata.get("swept") or _differing_settings(frame)),
         snapshot_epochs=_snapshot_epochs(frame, metadata),
         metric=metadata.get("metric", "val_acc"),
         mode=metadata.get("mode", "max"),
-        incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted},
+        incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted, **unreadable},
         metadata=metadata,
     )
     frame.attrs = context.__dict__.copy()
