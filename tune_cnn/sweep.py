@@ -77,6 +77,7 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
         reports.append({**metrics, **extra})
         if folder:
             (folder / CHECKPOINT_REPORTS).write_text(json.dumps({"params": params, "reports": reports}))
+        # A copy: Ray adds its own fields to the dict it is given (_TrainSession._auto_fill_metrics).
         tune.report(dict(reports[-1]), checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     train(config, data, report, resume)
