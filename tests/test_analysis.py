@@ -109,6 +109,20 @@ def test_without_metadata_swept_settings_and_snapshots_are_worked_out(seed_exper
     assert df.attrs["snapshot_epochs"] == [2, 4, 6]  # from checkpoint_every 2 and epochs 6
 
 
+def test_swept_seeds_group_by_replicate_and_each_trial_keeps_the_seed_it_trained_with(tmp_path: Path):
+    experiment = tmp_path / "replicates"
+    for index, (pooling, seed) in enumerate((p, s) for p in POOLINGS for s in (0, 1, 2)):
+        reports = [{**curve(pooling, 3, e), "trial_seed": 1000 + index} for e in range(1, EPOCHS + 1)]  # as tune_cnn.sweep reports
+        write_trial(experiment, index, {**seed_params(pooling, 3), "seed": seed}, reports)
+    df = analysis.load(experiment)
+    per_trial = df.groupby("trial_id")[["seed", "trial_seed"]].first()
+    assert sorted(per_trial["seed"]) == [0, 0, 1, 1, 2, 2] and sorted(per_trial["trial_seed"]) == list(range(1000, 1006))
+    assert sorted(df.attrs["swept"]) == ["pooling", "seed"]  # worked out without tune_cnn.json; trial seeds are noise
+    table = analysis.summarize(df, "seed").set_index(["seed", "epoch"])
+    assert table.at[(1, EPOCHS), "val_acc_count"] == 2  # one trial per pooling for each replicate
+    assert table.at[(1, EPOCHS), "val_acc_mean"] == pytest.approx(statistics.mean(curve(p, 3, EPOCHS)["val_acc"] for p in POOLINGS))
+
+
 def test_an_epoch_reported_twice_after_a_restore_appears_once_with_the_latest_report(tmp_path: Path):
     experiment = tmp_path / "restored"
     first = [curve("max", 3, e) for e in (1, 2, 3)]

@@ -283,11 +283,15 @@ def _status(reports: list[dict[str, Any]], epochs: int, state: str | None, has_e
 
 
 def _settings(params: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every setting of the trial: its params over the training defaults, lists as tuples so they group."""
+    """Every setting of the trial: its params over the training defaults, lists as tuples so they group, and
+    trial_seed, the seed it trained with.
+
+    A sweep derives each trial's seed from its --seed and the settings (tune_cnn.sweep.trial_seed) and reports
+    it; `seed` stays the setting as swept, so replicates `seed: [0, 1, 2]` group by replicate, not by trial.
+    """
     settings = {**TrainConfig().flat(), **params}
     seeds = [r["trial_seed"] for r in reports if "trial_seed" in r]
-    if seeds:  # the sweep derives each trial's seed and reports the one it used
-        settings["seed"] = int(seeds[-1])
+    settings["trial_seed"] = int(seeds[-1]) if seeds else settings["seed"]
     return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
 
 
@@ -304,8 +308,8 @@ def _tidy_frame(trials: list[TrialRecord]) -> pd.DataFrame:
 
 
 def _differing_settings(frame: pd.DataFrame) -> list[str]:
-    """Settings whose values differ across trials; seeds differ by design and are the noise, not a setting."""
-    settings = [c for c in frame.columns if c not in ("trial_id", "status", "epoch", "seed", *METRICS)]
+    """Settings whose values differ across trials; trial seeds differ by design and are the noise, not a setting."""
+    settings = [c for c in frame.columns if c not in ("trial_id", "status", "epoch", "trial_seed", *METRICS)]
     per_trial = frame.groupby("trial_id")[settings].first() if settings else frame
     return [name for name in settings if per_trial[name].nunique(dropna=False) > 1]
 
