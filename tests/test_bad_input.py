@@ -163,6 +163,8 @@ CASES: dict[str, Case] = {
     # Training settings
     "GPU requested where there is none": ("train", lambda t, i: ["--data", str(i), "--set", "device=cuda"], "has no CUDA GPU"),
     "unknown training setting": ("train", lambda t, i: ["--data", str(i), "--set", "epoch=3"], "unknown setting(s) epoch"),
+    "--set with a value that is not YAML": ("train", lambda t, i: ["--data", str(i), "--set", "pooling=["], "'[' is not a value"),
+    "unknown device": ("train", lambda t, i: ["--data", str(i), "--set", "device=gpu"], "device 'gpu' is unknown"),
     "--set without a value": ("train", lambda t, i: ["--data", str(i), "--set", "epochs"], "write NAME=VALUE"),
     "resume from a missing checkpoint": ("train", lambda t, i: ["--data", str(i), "--resume", str(t / "nowhere")], "checkpoint"),
     "checkpoint that would run code": ("train", lambda t, i: ["--data", str(i), "--resume", evil_checkpoint(t)], "checkpoint"),
@@ -172,6 +174,9 @@ CASES: dict[str, Case] = {
     ),
     "experiment name that leaves the storage folder": (
         "sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(i), "--name", "../escaped"], "--name",
+    ),
+    "--max-concurrent 0 in a dry run": (
+        "sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(i), "--max-concurrent", "0", "--dry-run"], "--max-concurrent",
     ),
     "--max-concurrent 0": ("sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(i), "--max-concurrent", "0"], "--max-concurrent"),
     "--address of a cluster that does not answer": (

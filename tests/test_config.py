@@ -20,12 +20,23 @@ CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
         ({"batch_norm": "yes"}, "batch_norm 'yes' has the wrong type; expected bool"),
         ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not allowed; use one of: adam, sgd"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate; allowed:"),
+        ({"device": "gpu"}, "device 'gpu' is unknown; use auto, cpu, cuda or cuda:N"),
+        ({"seed": -1}, "seed -1 is out of range; use an integer from 0 to 4294967295"),
+        ({"weight_decay": float("inf")}, "weight_decay inf is out of range"),
+        ({"lr": "fast"}, "lr 'fast' has the wrong type; expected float"),
+        ({"filters": "(32, 64)"}, "filters '(32, 64)' has the wrong type; expected list of integers"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(settings, words):
     with pytest.raises(ConfigError) as error:
         TrainConfig.from_flat(settings)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_number_written_as_text_is_a_float_where_a_float_is_due():
+    """YAML reads 1e-3 (no dot) as text, in a space file and in --set lr=1e-3 alike."""
+    config = TrainConfig.from_flat({"lr": "1e-3", "weight_decay": "5e-4"})
+    assert (config.lr, config.weight_decay) == (0.001, 0.0005)
 
 
 def test_flat_round_trips():

@@ -6,6 +6,8 @@ and only the processes that train pay for it (tune_cnn.models builds the models 
 """
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
@@ -20,6 +22,8 @@ Augment = Literal["none", "flip", "crop", "crop_flip"]
 AUGMENTATIONS = get_args(Augment)
 Padding = Literal["valid", "same"]
 Pooling = Literal["max", "avg"]
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds 0 .. 2**32 - 1
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.optimizer in ("adam", "sgd"), f"optimizer '{self.optimizer}' is unknown; use 'adam' or 'sgd'"),
-            (self.lr > 0, f"lr {self.lr} is out of range; use a learning rate > 0, such as 0.001"),
+            (0 < self.lr < math.inf, f"lr {self.lr} is out of range; use a learning rate > 0, such as 0.001"),
             (0 <= self.momentum < 1, f"momentum {self.momentum} is out of range; use 0 <= momentum < 1"),
-            (self.weight_decay >= 0, f"weight_decay {self.weight_decay} is out of range; use a value >= 0"),
+            (0 <= self.weight_decay < math.inf, f"weight_decay {self.weight_decay} is out of range; use a finite value >= 0"),
             (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
             (self.epochs >= 1, f"epochs {self.epochs} is out of range; use an integer >= 1"),
             (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
+            (0 <= self.seed <= MAX_SEED, f"seed {self.seed} is out of range; use an integer from 0 to {MAX_SEED}"),
+            (DEVICE.fullmatch(self.device) is not None, f"device '{self.device}' is unknown; use auto, cpu, cuda or cuda:N"),
             (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
             (self.eval_batch_size >= 1, "eval_batch_size must be an integer >= 1"),
@@ -179,6 +185,7 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
+        value = _float_text(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif hint is str:
@@ -187,6 +194,16 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
     if not ok:
-        expected = getattr(hint, "__name__", "list of integers")
+        expected = "list of integers, such as [32, 64, 64]" if hint == tuple[int, ...] else hint.__name__
         raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}")
     return value
+
+
+def _float_text(value: Any) -> Any:
+    """A number written as text, as YAML reads 1e-3 (its floats need a dot: 1.0e-3), as that float."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value

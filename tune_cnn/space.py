@@ -8,6 +8,7 @@ See search_spaces/README.md for the format.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
+from tune_cnn.config import MAX_SEED, MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
 from tune_cnn.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -40,9 +41,12 @@ class Distribution:
 
     def probes(self) -> list[Any]:
         """The values worth checking before a sampler may draw any value of the range."""
-        if self.kind == "int" and self.high - self.low < MAX_INT_PROBES:
-            return list(range(int(self.low), int(self.high) + 1))
-        return [self.low, self.high]
+        if self.kind != "int":
+            return [self.low, self.high]
+        low, high = int(self.low), int(self.high)
+        if high - low < MAX_INT_PROBES:
+            return list(range(low, high + 1))
+        return [low, low + 1, high - 1, high]  # the ends and their neighbours: a rule on parity (odd conv_width) shows
 
     def describe(self) -> str:
         return f"{self.kind}[{self.low:g}, {self.high:g}]"
@@ -201,7 +205,7 @@ def build_space(path: Path, text: str, raw: Mapping[str, Any]) -> SearchSpace:
     fixed = _fixed(fail, raw.get("fixed"))
     space = _space(fail, raw.get("space"), fixed, search)
     subset = None if raw.get("subset") is None else _integer(fail, "subset", raw["subset"], minimum=1)
-    seed = _integer(fail, "seed", raw.get("seed", 0), minimum=0)
+    seed = _integer(fail, "seed", raw.get("seed", 0), minimum=0, maximum=MAX_SEED)
     result = SearchSpace(
         name=path.stem, source=path, text=text, search=search, metric=metric, mode=mode, samples=samples,
         resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, subset=subset, seed=seed,
@@ -225,16 +229,16 @@ def _choice(fail: _Failer, raw: Mapping[str, Any], key: str, allowed: tuple[str,
     return value
 
 
-def _integer(fail: _Failer, key: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        fail(key, f"{value!r} is not allowed; use an integer >= {minimum}")
+def _integer(fail: _Failer, key: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum is not None and value > maximum):
+        fail(key, f"{value!r} is not allowed; use an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""))
     return value
 
 
 def _number(fail: _Failer, key: str, value: Any, minimum: float, strict: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = _finite(value)
     if not ok or value < minimum or (strict and value == minimum):
-        fail(key, f"{value!r} is not allowed; use a number {'>' if strict else '>='} {minimum:g}")
+        fail(key, f"{value!r} is not allowed; use a finite number {'>' if strict else '>='} {minimum:g}")
     return float(value)
 
 
@@ -263,8 +267,7 @@ def _resources(fail: _Failer, raw: Any) -> Resources:
     gpu = given.get("gpu", 0)
     if gpu == "auto":
         return Resources(cpu=cpu, gpu=gpu)
-    number = isinstance(gpu, (int, float)) and not isinstance(gpu, bool)
-    if not number or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+    if not _finite(gpu) or gpu < 0 or (gpu > 1 and gpu != int(gpu)):
         fail("resources.gpu", f"{gpu!r} is not allowed; use 0, a fraction of one GPU (0.25, 0.5), a whole number, or auto")
     return Resources(cpu=cpu, gpu=float(gpu))
 
@@ -281,6 +284,9 @@ def _scheduler(fail: _Failer, raw: Any, epochs: int) -> Scheduler:
     grace = _integer(fail, "scheduler.grace_period", given.get("grace_period", 1), minimum=1)
     if grace > max_t:
         fail("scheduler.grace_period", f"{grace} is more than max_t {max_t}; use 1 to {max_t} epochs")
+    if max_t < epochs:
+        fail("scheduler.max_t", f"{max_t} is less than epochs {epochs}: ASHA would stop every trial at epoch {max_t}; "
+                                f"use max_t >= {epochs} (the default) or fewer epochs")
     factor = _number(fail, "scheduler.reduction_factor", given.get("reduction_factor", 2), minimum=1, strict=True)
     return Scheduler("asha", grace, factor, max_t)
 
@@ -326,9 +332,7 @@ def _distribution(fail: _Failer, key: str, name: str, value: Mapping[str, Any]) 
     kind, bounds = next(iter(value.items()))
     if name in ("epochs", "checkpoint_every"):
         fail(key, "sweep epochs and checkpoint_every as a list of values, not a distribution")
-    numbers = isinstance(bounds, list) and len(bounds) == 2 and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds
-    )
+    numbers = isinstance(bounds, list) and len(bounds) == 2 and all(_finite(b) for b in bounds)
     if not numbers or bounds[0] >= bounds[1]:
         fail(key, f"{kind} takes [low, high] with low < high; got {bounds!r}")
     if kind == "int" and not all(isinstance(b, int) for b in bounds):
@@ -336,6 +340,10 @@ def _distribution(fail: _Failer, key: str, name: str, value: Mapping[str, Any]) 
     if kind == "loguniform" and bounds[0] <= 0:
         fail(key, f"loguniform needs low > 0; got {bounds!r}")
     return Distribution(kind, bounds[0], bounds[1])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_setting(fail: _Failer, key: str, settings: Mapping[str, Any]) -> None:

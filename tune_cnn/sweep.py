@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space, space_overrides(args))
     data = load_data(args.data, subset=space.subset, seed=space.seed)
     space.check_models(data.shape)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     if args.dry_run:
         print(describe_trials(space, data))
         return 0
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     experiment = Experiment(args.storage, args.name or space.name)
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)

@@ -110,7 +110,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but this machine has no CUDA GPU; use device 'auto' or 'cpu'")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 or auto")
+    return device
 
 
 class DeviceData:
@@ -444,7 +447,10 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair}: write NAME=VALUE, for example --set epochs=10")
-        settings[name] = yaml.safe_load(value)
+        try:
+            settings[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {pair}: {value!r} is not a value; write a number, a word or a list such as [32, 64]") from None
     return settings
 
 
