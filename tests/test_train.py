@@ -7,14 +7,16 @@ import torch
 from conftest import CUDA
 from tune_cnn.data import load_data
 from tune_cnn.config import TrainConfig
+from tune_cnn.errors import ConfigError
 from tune_cnn.train import (CHECKPOINT_FILE, LocalCheckpoints, augment_batch, build_engine, load_checkpoint, normalise_pixels,
                             pixel_normalisation, train)
+from tune_cnn.train import main as train_main
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
 
 
 def quiet(folder):
-    return LocalCheckpoints(folder, echo=None)
+    return LocalCheckpoints(folder, echo=False)
 
 
 def test_reports_every_metric_every_epoch_and_checkpoints_on_schedule(small_data, tmp_path):
@@ -43,6 +45,50 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, t
     for a, b in zip(straight[2:], resumed):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
             assert a[key] == b[key], key
+
+
+def test_a_checkpoint_resumes_only_its_own_model(small_data, tmp_path):
+    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50, "pooling": "avg"})
+    train(config, small_data, quiet(tmp_path))
+    checkpoint = load_checkpoint(tmp_path / "epoch_002")
+    with pytest.raises(ConfigError, match=r"^the checkpoint was trained with pooling=avg; resume with its model"):
+        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "max"), resume=checkpoint)
+    assert not (tmp_path / "max").exists()
+    assert train(config, small_data, quiet(tmp_path / "again"), resume=checkpoint) == []  # as a sweep's trial restored at its end
+
+
+def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, tmp_path, capsys):
+    first = ["--data", str(image_folder), "--checkpoints", str(tmp_path / "run"), "--set", "epochs=2", "checkpoint_every=1",
+             "pooling=avg", "conv_width=1", "seed=7", "lr=3e-3"]
+    train_main(first)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert [line.split()[1] for line in lines] == ["1", "2"]
+    assert lines[0].endswith(f"[checkpoint {tmp_path / 'run' / 'epoch_001'}]")
+    train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "resumed"), "--resume", str(tmp_path / "run" / "epoch_001")])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")] == ["2"]
+    resumed = load_checkpoint(tmp_path / "resumed" / "epoch_002")["config"]
+    assert (resumed["pooling"], resumed["conv_width"], resumed["seed"], resumed["lr"]) == ("avg", 1, 7, 0.003)
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_001"), "--set", "conv_width=3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: the checkpoint was trained with conv_width=1; resume with its model and optimizer settings (train --resume takes them from the checkpoint)\n"
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_002")])
+    assert capsys.readouterr().err.startswith("error: the checkpoint is at epoch 2 and epochs is 2, so nothing is left to train; set epochs above 2")
+
+
+def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"checkpoints folder .*notes\.txt is a file; pass a folder"):
+        LocalCheckpoints(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_checkpoint_without_its_parts_is_one_clear_error(tmp_path):
+    (tmp_path / "partial").mkdir()
+    torch.save({"model": {}, "epoch": 3}, tmp_path / "partial" / CHECKPOINT_FILE)
+    with pytest.raises(ConfigError, match=r"is not a tune_cnn checkpoint \(unreadable, without model, optimizer, epoch, rng, config"):
+        load_checkpoint(tmp_path / "partial")
 
 
 def test_seeds_change_the_run(small_data, tmp_path):

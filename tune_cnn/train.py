@@ -28,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_cnn.config import SETTINGS, InputShape, TrainConfig
+from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
 from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config")
+# What a resumed run must share with its checkpoint: the weights' shapes and the optimizer's state depend on them.
+RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer")
 Metrics = dict[str, float]
 Reporter = Callable[[Metrics, "Path | None"], None]
 CPU_EVAL_BATCH = 256
@@ -45,28 +48,34 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 
 
 def print_report(metrics: Metrics, checkpoint: Path | None) -> None:
-    print(
-        f"epoch {metrics['epoch']:>3}  train_acc {metrics['train_acc']:.4f}  val_acc {metrics['val_acc']:.4f}  "
-        f"val_loss {metrics['val_loss']:.4f}  test_acc {metrics['test_acc']:.4f}  "
-        f"{metrics['epoch_seconds']:.1f}s  {metrics['images_per_second']:.0f} img/s" + ("  [checkpoint]" if checkpoint else ""),
-        flush=True,
-    )
+    """Print the epoch's line; the checkpoint is not kept (LocalCheckpoints keeps them)."""
+    print(report_line(metrics), flush=True)
+
+
+def report_line(metrics: Metrics) -> str:
+    return (f"epoch {metrics['epoch']:>3}  train_acc {metrics['train_acc']:.4f}  val_acc {metrics['val_acc']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f}  test_acc {metrics['test_acc']:.4f}  "
+            f"{metrics['epoch_seconds']:.1f}s  {metrics['images_per_second']:.0f} img/s")
 
 
 class LocalCheckpoints:
     """A reporter for plain Python: prints each epoch and keeps checkpoints in folder/epoch_NNN/."""
 
-    def __init__(self, folder: Path, echo: Reporter | None = print_report):
+    def __init__(self, folder: Path, echo: bool = True):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"checkpoints folder {self.folder} is a file; pass a folder (it is made if missing)")
         self.echo = echo
         self.history: list[Metrics] = []
 
     def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
         self.history.append(metrics)
+        kept = None
         if checkpoint is not None:
-            shutil.copytree(checkpoint, self.folder / f"epoch_{int(metrics['epoch']):03d}", dirs_exist_ok=True)
+            kept = self.folder / f"epoch_{int(metrics['epoch']):03d}"
+            shutil.copytree(checkpoint, kept, dirs_exist_ok=True)
         if self.echo:
-            self.echo(metrics, checkpoint)
+            print(report_line(metrics) + (f"  [checkpoint {kept}]" if kept else ""), flush=True)
 
 
 # --- Checkpoints -------------------------------------------------------------------------------------------
@@ -80,12 +89,33 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):  # foreign, truncated or unsafe (code-running) files
+        checkpoint = None
+    if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= set(checkpoint):
         raise ConfigError(
-            f"checkpoint {path} is not a tune_cnn checkpoint (unreadable, or holds objects a safe load refuses); "
-            f"pass a folder written by train or a sweep"
-        ) from None
+            f"checkpoint {path} is not a tune_cnn checkpoint (unreadable, without {', '.join(CHECKPOINT_KEYS)}, or holding "
+            f"objects a safe load refuses); pass a folder written by train or a sweep"
+        )
+    return checkpoint
+
+
+def check_resumable(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
+    """A ConfigError where `config` cannot continue `checkpoint`: another model or optimizer."""
+    saved, wanted = TrainConfig.from_flat(checkpoint["config"]).flat(), config.flat()
+    changed = [f"{name}={saved[name]}" for name in RESUME_MUST_MATCH if saved[name] != wanted[name]]
+    if changed:
+        raise ConfigError(f"the checkpoint was trained with {', '.join(changed)}; resume with its model and optimizer "
+                          f"settings (train --resume takes them from the checkpoint)")
+
+
+def check_epochs_left(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
+    """A ConfigError where the command line asks to resume a run that has no epochs left. (Not in train(): a
+    sweep's trial killed after its last checkpoint is restored from it, and then rightly trains nothing.)"""
+    epoch = int(checkpoint["epoch"])
+    if config.epochs <= epoch:
+        raise ConfigError(f"the checkpoint is at epoch {epoch} and epochs is {config.epochs}, so nothing is left to train; "
+                          f"set epochs above {epoch}, e.g. --set epochs={epoch + 10}")
 
 
 def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -279,6 +309,8 @@ def train(
     (training images over the training pass's seconds) and lr. A checkpoint is due every
     `checkpoint_every` epochs and at the last; `resume` (from load_checkpoint) continues at the next epoch.
     """
+    if resume is not None:
+        check_resumable(config, resume)
     engine = build_engine(config, data.shape, data.mean, data.std)
     model, optimizer, shuffle, device = engine.model, engine.optimizer, engine.shuffle, engine.device
     first_epoch = 1
@@ -433,7 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
     parser.add_argument("--subset", type=int, default=None, help="train on a stratified subset of N images")
     parser.add_argument("--checkpoints", type=Path, default=None, help="keep checkpoints in this folder")
-    parser.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint folder")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue from this checkpoint folder, with its settings (--set may change epochs, lr, ...)")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help=f"settings, e.g. --set epochs=10 pooling=avg batch_norm=true; names: {', '.join(SETTINGS)}")
     return parser.parse_args(argv)
@@ -457,11 +490,15 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = TrainConfig.from_flat(parse_settings(args.set))
     resume = load_checkpoint(args.resume) if args.resume else None
+    # A resumed run keeps its checkpoint's settings, the seed (hence the validation split) included.
+    config = TrainConfig.from_flat({**(resume["config"] if resume else {}), **parse_settings(args.set)})
+    if resume:
+        check_resumable(config, resume)
+        check_epochs_left(config, resume)
+    reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
     data = load_data(args.data, subset=args.subset, seed=config.seed)
     print(data.describe(), flush=True)
-    reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
     train(config, data, reporter, resume)
 
 
