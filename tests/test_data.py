@@ -157,6 +157,11 @@ def test_empty_folder(tmp_path, cache):
     assert "is empty" in one_line_error(tmp_path / "empty", cache)
 
 
+def test_too_few_images_to_hold_out_validation(tmp_path, cache):
+    folder = make_image_folder(tmp_path / "few", per_class={"train": 4, "test": 2})  # 10% of 4 rounds to none
+    assert "too few training images per class to hold out 0.1 of them for validation; add images" in one_line_error(folder, cache)
+
+
 def test_class_folder_without_images(image_folder, cache):
     (image_folder / "train" / "bird").mkdir()
     assert "train/bird has no PNG or JPEG images" in one_line_error(image_folder, cache)

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CUDA
+from conftest import CUDA, synthetic_splits
 from tune_cnn.data import load_data
 from tune_cnn.config import TrainConfig
 from tune_cnn.errors import ConfigError
@@ -89,6 +89,15 @@ def test_a_checkpoint_without_its_parts_is_one_clear_error(tmp_path):
     torch.save({"model": {}, "epoch": 3}, tmp_path / "partial" / CHECKPOINT_FILE)
     with pytest.raises(ConfigError, match=r"is not a tune_cnn checkpoint \(unreadable, without model, optimizer, epoch, rng, config"):
         load_checkpoint(tmp_path / "partial")
+
+
+def test_batch_norm_leaves_out_a_last_batch_of_one_image(tmp_path):
+    data = synthetic_splits(train=61, val=20, test=20)
+    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 20, "batch_norm": True})
+    history = train(config, data, quiet(tmp_path))
+    assert all(round(m["train_acc"] * 60, 6).is_integer() for m in history)  # the mean over the 60 images trained on
+    with pytest.raises(ConfigError, match="batch_norm needs batch_size 2 or more"):
+        TrainConfig.from_flat({"batch_size": 1, "batch_norm": True})
 
 
 def test_seeds_change_the_run(small_data, tmp_path):

@@ -135,6 +135,7 @@ class TrainConfig:
             (0 <= self.momentum < 1, f"momentum {self.momentum} is out of range; use 0 <= momentum < 1"),
             (0 <= self.weight_decay < math.inf, f"weight_decay {self.weight_decay} is out of range; use a finite value >= 0"),
             (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
+            (self.batch_size >= 2 or not self.model.batch_norm, "batch_norm needs batch_size 2 or more; batch norm cannot train on one image"),
             (self.epochs >= 1, f"epochs {self.epochs} is out of range; use an integer >= 1"),
             (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} is out of range; use an integer from 0 to {MAX_SEED}"),

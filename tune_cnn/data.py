@@ -102,6 +102,9 @@ def load_data(
     if raw.val is None:
         val_index, train_index = stratified_split(raw.train.y, val_fraction, seed)
         train, val = raw.train.take(train_index), raw.train.take(val_index)
+        if not len(val):
+            raise DataError(f"{source}: too few training images per class to hold out {val_fraction:g} of them for validation; "
+                            f"add images (5 or more per class) or a val/ folder")
     else:
         train, val = raw.train, raw.val
     if subset is not None:

@@ -353,7 +353,10 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
     order = torch.randperm(len(data), device=data.x.device, generator=generator)
     totals = graph.totals if graph else EpochTotals(data.x.device)
     totals.zero_()
-    for start in range(0, len(data), config.batch_size):
+    # Batch norm cannot train on one image (BatchNorm1d refuses it): a last batch of one is left out, a different
+    # image each epoch, as a DataLoader's drop_last leaves out every short last batch.
+    seen = len(data) - 1 if config.model.batch_norm and len(data) % config.batch_size == 1 else len(data)
+    for start in range(0, seen, config.batch_size):
         index = order[start : start + config.batch_size]
         x, y = data.x[index], data.y[index]
         if config.augment != "none":
@@ -362,7 +365,7 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
             graph.step(x, y)
         else:
             train_step(model, optimizer, data.normalise, x, y, autocast, totals)
-    return totals.loss.item() / len(data), totals.correct.item() / len(data)
+    return totals.loss.item() / seen, totals.correct.item() / seen
 
 
 class EpochTotals:
