@@ -216,6 +216,7 @@ def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Pa
         space: {{pooling: [max, avg], conv_width: [3, 5]}}
     """, "--max-concurrent", "1")
     kill_driver_then_resume(args, experiment, checkpoints=2)
+    assert not list(experiment.rglob("events.out.tfevents*"))  # the resumed run, too, writes no TensorBoard files unasked
     df = analysis.load(experiment)
     assert set(df["status"]) == {"finished"}
     assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * QUICK_TRIALS

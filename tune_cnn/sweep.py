@@ -507,10 +507,11 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, meta
     warn_if_storage_is_not_shared(experiment)
     if args.resume:
         restored = make_trainable(space, data, resources)
-        return Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True).fit()
-    experiment.write_metadata(metadata)
-    tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
-    with only_our_loggers():
+        tuner = Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True)
+    else:
+        experiment.write_metadata(metadata)
+        tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
+    with only_our_loggers():  # a restored Tuner keeps its own loggers, and would get Tune's defaults too
         return tuner.fit()
 
 
