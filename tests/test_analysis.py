@@ -341,7 +341,10 @@ def test_write_analysis_writes_tables_plots_and_a_report(seed_experiment: Path):
 
 def test_each_plot_has_its_panels(seed_experiment: Path):
     df = analysis.load(seed_experiment)
-    assert len(analysis.plot_learning_curves(df, "pooling").axes) == 3
+    curves = analysis.plot_learning_curves(df[df["epoch"] <= 3], "pooling")
+    assert len(curves.axes) == 3
+    curves.canvas.draw()
+    assert all(tick == int(tick) for ax in curves.axes for tick in ax.get_xticks())  # epochs 1-3: no tick at 1.5
     assert len(analysis.plot_grouped(df, "conv_width").axes) == 3
     assert len(analysis.plot_grouped(df, "epoch").axes) == 3
     assert len(analysis.plot_effects(analysis.effects(df), analysis.importance(df)).axes) == 2
@@ -379,6 +382,16 @@ def test_the_command_line_writes_where_asked_and_warns_about_incomplete_trials(t
     summary = pd.read_csv(tmp_path / "out" / "summary_pooling.csv")
     assert sorted(summary["epoch"].unique()) == [1, 2] and len(summary) == 4
     assert "**Incomplete trials:**" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("by", ["trial_id", "val_acc", "status", "epoch"])
+def test_grouping_by_what_is_not_a_setting_is_one_line_and_writes_nothing(seed_experiment: Path, tmp_path: Path, by: str,
+                                                                         capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as stop:
+        analysis.main([str(seed_experiment), "--by", by, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: cannot group by {by}: not a setting; choose from: ") and err.count("\n") == 1
+    assert "pooling" in err and not (tmp_path / "out").exists()
 
 
 # --- A tiny real Ray Tune sweep ----------------------------------------------------------------------------

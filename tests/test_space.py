@@ -147,6 +147,13 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
     assert "\n" not in str(caught.value)
 
 
+def test_a_binary_file_is_not_a_space(tmp_path: Path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"weights\.yaml: not a text file; a search space is a YAML file"):
+        load_space(path)
+
+
 def test_unknown_space_name_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match=r"search space 'nope' not found; .*one of: .*quick.*seed"):
         load_space("nope")

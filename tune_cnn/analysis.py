@@ -374,6 +374,14 @@ def _check_columns(df: pd.DataFrame, names: Sequence[str]) -> None:
         raise AnalysisError(f"unknown setting or metric {', '.join(unknown)}; choose from: {', '.join(settings)}")
 
 
+def _check_settings(df: pd.DataFrame, names: Sequence[str]) -> None:
+    """What the analysis may group by: the trials' settings, not their ids, seeds, statuses, epochs or metrics."""
+    settings = [c for c in df.columns if c not in ("trial_id", "status", "epoch", "trial_seed", *METRICS)]
+    wrong = [n for n in names if n not in settings]
+    if wrong:
+        raise AnalysisError(f"cannot group by {', '.join(wrong)}: not a setting; choose from: {', '.join(settings)}")
+
+
 def select_rows(df: pd.DataFrame, at: At = "epochs", at_epochs: Sequence[int] | None = None) -> pd.DataFrame:
     """The snapshot rows (at="epochs"), or one row per trial: its last epoch or its best by the sweep's metric."""
     if at == "epochs":
@@ -570,6 +578,7 @@ def plot_learning_curves(df: pd.DataFrame, colour_by: str | None = None) -> Any:
             level = trial[colour_by].iloc[0] if colour_by else None
             ax.plot(trial["epoch"], _scaled(metric, trial[metric]), color=colours[level], alpha=0.75, linewidth=1.3, marker="." if len(trial) < 15 else None)
         ax.set(title=axis_label.split(" (")[0].capitalize(), xlabel="epoch", ylabel=axis_label)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole: no tick at 2.5
         ax.grid(alpha=0.3)
     if colour_by:
         handles = [plt.Line2D([], [], color=colours[v], label=f"{colour_by} = {_label(v)}") for v in levels]
@@ -810,7 +819,7 @@ def analyse_into(df: pd.DataFrame, experiment: str | Path, out: Path | None = No
 def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None,
                  plotters: Executor | None) -> None:
     settings = list(by) if by is not None else context(df).swept
-    _check_columns(df, settings)
+    _check_settings(df, settings)
     if len(df):
         snapshot_epochs(df, at_epochs)  # a bad --epochs fails before anything is written
     folder.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,10 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
 def load_space(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
     """Read and check a space. `overrides` replace top-level keys; its `fixed` and `resources` are merged in."""
     path = resolve_space_path(name_or_path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a search space is a YAML file such as search_spaces/seed.yaml") from None
     raw = parse_yaml(path, text)
     for key, value in (overrides or {}).items():
         if key not in ("fixed", "resources"):
