@@ -132,6 +132,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, arguments, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_found_before_any_timing(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "notes.txt" / "results")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and error == [f"error: --out {tmp_path / 'notes.txt' / 'results'}: {tmp_path / 'notes.txt'} is "
+                                               f"not a folder; choose a writable folder for the figures"]
+
+
 def test_ratios_pass_by_pass_pair_each_pass_with_the_reference_pass_of_its_round():
     reference = Timing("reference (2 workers)", images=1000, seconds=[1.0, 0.5, 1.0])  # the machine sped up in round 2
     engine = Timing("engine", images=1000, seconds=[0.5, 0.2, 0.4])

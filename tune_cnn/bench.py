@@ -704,6 +704,7 @@ def make_plan(args: argparse.Namespace, data: DataSplits) -> Plan:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_writable_folder(args.out)
     data = load_data(args.data)
     plan = make_plan(args, data)
     print(f"{data.describe()}; timing {plan.images:,} images per pass ...", flush=True)
@@ -725,6 +726,14 @@ def main(argv: list[str] | None = None) -> None:
         save(figures, path)
     print(format_table(figures))
     print(f"figures: {path}")
+
+
+def check_writable_folder(folder: Path) -> None:
+    """A ConfigError now, not after minutes of timing, where the figures could not be written."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {folder}: {existing} is {'not a folder' if not existing.is_dir() else 'not writable'}; "
+                          f"choose a writable folder for the figures")
 
 
 def save(figures: dict[str, Any], path: Path) -> None:
