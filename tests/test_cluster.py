@@ -82,6 +82,17 @@ def fake_gpu_cluster():
     cluster.shutdown()
 
 
+def test_a_trial_larger_than_every_node_is_one_line_not_a_hang(fake_gpu_cluster, tmp_path: Path):
+    cluster, _ = fake_gpu_cluster
+    images = make_image_folder(tmp_path / "images", per_class={"train": 40, "test": 10})
+    for option, value, words in (("--cpus-per-trial", "3", "3 CPU(s) and the largest node of the Ray cluster has 2; lower --cpus-per-trial"),
+                                 ("--gpus-per-trial", "2", "2 GPU(s) and the largest node of the Ray cluster has 1; lower --gpus-per-trial")):
+        done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results"), "--address", cluster.address,
+                       option, value)
+        assert done.returncode == 2 and done.stderr.splitlines() == [f"error: a trial asks for {words} (or resources.{option[2:5]} in the space)"], done.stderr[-3000:]
+    assert not (tmp_path / "results").exists()
+
+
 def test_sweep_joins_a_multi_node_cluster_with_fractional_gpus(fake_gpu_cluster, tmp_path: Path):
     cluster, worker_ids = fake_gpu_cluster
     images = make_image_folder(tmp_path / "images", per_class={"train": 40, "test": 10})

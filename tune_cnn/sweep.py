@@ -389,19 +389,25 @@ def cluster_gpus() -> float:
 
 
 def scalable_gpus() -> float:
-    """GPUs an autoscaler may add: from the config Ray reports (autoscaler v2, KubeRay) or `ray up`'s on the head."""
+    """GPUs an autoscaler may add."""
+    return float((autoscaler_limits() or {}).get("GPU", 0))
+
+
+def autoscaler_limits() -> dict[str, float] | None:
+    """The most of each resource an autoscaler may add, from the config Ray reports (autoscaler v2, KubeRay) or
+    `ray up`'s on the head (its GPUs); None where no autoscaler is configured."""
     try:
         from ray._private.state import state
 
-        reported = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+        reported = state.get_max_resources_from_cluster_config()
     except Exception:  # a private API, and absent off a cluster: then only the head's config file counts
-        reported = 0.0
+        reported = None
     path = AUTOSCALER_CONFIG.expanduser()
     if not path.is_file():
         return reported
     node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {}).values()
     configured = sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in node_types)
-    return max(reported, float(configured))
+    return {**(reported or {}), "GPU": max(float((reported or {}).get("GPU", 0)), float(configured))}
 
 
 def trial_resources(space: SearchSpace) -> dict[str, float]:
@@ -410,7 +416,22 @@ def trial_resources(space: SearchSpace) -> dict[str, float]:
     gpu = space.resources.resolve_gpu(cluster_gpus())
     if requested and not gpu:
         print(f"notice: the Ray cluster has no GPU; running the trials on CPUs only (the space asks for gpu {requested})")
-    return {"cpu": space.resources.cpu, "gpu": gpu}
+    resources = {"cpu": space.resources.cpu, "gpu": gpu}
+    check_a_node_fits(resources)
+    return resources
+
+
+def check_a_node_fits(resources: dict[str, float]) -> None:
+    """Ray leaves a trial that no node can hold PENDING for ever: a ConfigError instead, unless an autoscaler may
+    bring larger nodes."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for key, option in (("cpu", "--cpus-per-trial"), ("gpu", "--gpus-per-trial")):
+        largest = max(n.get(key.upper(), 0) for n in nodes)
+        if resources[key] > largest and autoscaler_limits() is None:
+            raise ConfigError(f"a trial asks for {resources[key]:g} {key.upper()}(s) and the largest node of the Ray cluster has "
+                              f"{largest:g}; lower {option} (or resources.{key} in the space)")
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
