@@ -1,15 +1,19 @@
+import collections
 import subprocess
 import sys
+from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CUDA, synthetic_splits
 from tune_cnn.data import load_data
 from tune_cnn.config import TrainConfig
 from tune_cnn.errors import ConfigError
-from tune_cnn.train import (CHECKPOINT_FILE, LocalCheckpoints, augment_batch, build_engine, load_checkpoint, normalise_pixels,
-                            pixel_normalisation, train)
+from tune_cnn.train import (CHECKPOINT_FILE, Bf16Weights, EpochTotals, LocalCheckpoints, augment_batch, build_engine, load_checkpoint,
+                            normalise_pixels, pixel_normalisation, train, train_step)
 from tune_cnn.train import main as train_main
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
@@ -129,6 +133,45 @@ def test_cuda_graph_changes_nothing_off_cuda(small_data, tmp_path):
     assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
 
 
+def bf16_steps(settings: dict, weight_copies: bool, steps: int = 3, mode=None) -> tuple[list[torch.Tensor], float]:
+    """`steps` bf16 training steps on the CPU, under autocast alone or with Bf16Weights and a bf16 input, as the
+    CUDA graph's step runs them: the parameters after them and the summed loss."""
+    data = synthetic_splits(train=32 * steps, val=10, test=10)
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "precision": "bf16", **settings}), data.shape, data.mean, data.std)
+    forward = Bf16Weights(engine.model) if weight_copies else engine.model
+    normalise = partial(normalise_pixels, scale=engine.scale, shift=engine.shift, dtype=torch.bfloat16 if weight_copies else None)
+    x, y = torch.from_numpy(data.train.x).contiguous(memory_format=torch.channels_last), torch.from_numpy(data.train.y)
+    totals = EpochTotals(engine.device)
+    with mode or nullcontext():
+        for start in range(0, len(y), 32):
+            train_step(forward, engine.optimizer, normalise, x[start : start + 32], y[start : start + 32], engine.autocast, totals)
+    return [p.detach().clone() for p in engine.model.parameters()], totals.loss.item()
+
+
+@pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "dropout": 0.3}])
+def test_bf16_weight_copies_and_input_train_bit_for_bit_as_autocast_alone(settings):
+    (plain, plain_loss), (copied, copied_loss) = (bf16_steps(settings, weight_copies) for weight_copies in (False, True))
+    assert copied_loss == plain_loss and all(torch.equal(a, b) for a, b in zip(plain, copied))
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_weight_copies_replace_autocasts_casts_by_two_multi_tensor_copies():
+    plain, copied = CountOps(), CountOps()
+    bf16_steps({}, False, steps=1, mode=plain), bf16_steps({}, True, steps=1, mode=copied)
+    # Autocast: 10 parameters there and back, the input, the logits there and back (23 with torch 2.14).
+    assert plain.counts["_to_copy"] >= 21 and plain.counts["_foreach_copy_"] == 0
+    assert copied.counts["_to_copy"] == 2 and copied.counts["_foreach_copy_"] == 2  # the logits to float32 for the loss, and back
+
+
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
 
 
@@ -157,6 +200,20 @@ def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data, compile):
     assert engine.graph.eager_steps == 3 and engine.graph.replays == 4 * 9 - 3
     assert losses[-1] < losses[0] / 2  # bf16 with dropout in the graph still learns
     assert not torch.backends.cudnn.benchmark  # cuDNN's heuristics: timing its algorithms cost more than it saved
+
+
+@CUDA
+@pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "dropout": 0.3}])
+def test_bf16_weight_copies_train_in_the_cuda_graph_as_autocast_alone(small_data, settings):
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "precision": "bf16", **settings})
+    runs = []
+    for weight_copies in (False, True):
+        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std, bf16_weight_copies=weight_copies)
+        data = engine.put(small_data.train)
+        runs.append([engine.train_epoch(data) for _ in range(3)])
+        assert isinstance(engine.graph.forward, Bf16Weights) == weight_copies and engine.graph.replays == 3 * 9 - 3
+    for (loss_a, acc_a), (loss_b, acc_b) in zip(*runs):
+        assert loss_b == pytest.approx(loss_a, rel=1e-2) and abs(acc_a - acc_b) <= 0.02
 
 
 @CUDA
