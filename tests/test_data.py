@@ -157,9 +157,11 @@ def test_empty_folder(tmp_path, cache):
     assert "is empty" in one_line_error(tmp_path / "empty", cache)
 
 
-def test_too_few_images_to_hold_out_validation(tmp_path, cache):
-    folder = make_image_folder(tmp_path / "few", per_class={"train": 4, "test": 2})  # 10% of 4 rounds to none
-    assert "too few training images per class to hold out 0.1 of them for validation; add images" in one_line_error(folder, cache)
+def test_a_small_data_set_holds_out_one_image_per_class_and_a_single_one_none(tmp_path, cache):
+    small = load_data(make_image_folder(tmp_path / "few", per_class={"train": 4, "test": 2}), cache_dir=cache)  # 10% of 4 rounds to 0
+    assert np.bincount(small.val.y).tolist() == [1, 1, 1] and np.bincount(small.train.y).tolist() == [3, 3, 3]
+    single = make_image_folder(tmp_path / "single", per_class={"train": 1, "test": 1})
+    assert "one training image per class leaves none to hold out for validation; add images or a val/ folder" in one_line_error(single, cache)
 
 
 def test_class_folder_without_images(image_folder, cache):

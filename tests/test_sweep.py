@@ -109,6 +109,17 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
     assert not storage.exists()
 
 
+@pytest.mark.parametrize("storage, words", [
+    ("s3://tune-cnn-test-no-such-bucket-7/results", "error: cannot reach the experiment folder s3://tune-cnn-test-no-such-bucket-7/results/quick ("),
+    ("foo://bar", "error: --storage foo://bar is neither a folder nor a URI that pyarrow opens"),
+])
+def test_storage_that_cannot_be_reached_is_one_line_before_ray_starts(images: Path, storage: str, words: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["quick", "--data", str(images), "--storage", storage])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(words) and err.count("\n") == 1, err
+
+
 def test_dry_run_of_an_optuna_space_shows_its_distributions(images: Path, capsys: pytest.CaptureFixture):
     assert sweep.main(["optuna", "--data", str(images), "--dry-run", "--samples", "7", "--seed", "5"]) == 0
     out = capsys.readouterr().out

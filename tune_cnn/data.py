@@ -103,8 +103,8 @@ def load_data(
         val_index, train_index = stratified_split(raw.train.y, val_fraction, seed)
         train, val = raw.train.take(train_index), raw.train.take(val_index)
         if not len(val):
-            raise DataError(f"{source}: too few training images per class to hold out {val_fraction:g} of them for validation; "
-                            f"add images (5 or more per class) or a val/ folder")
+            raise DataError(f"{source}: one training image per class leaves none to hold out for validation; "
+                            f"add images or a val/ folder")
     else:
         train, val = raw.train, raw.val
     if subset is not None:
@@ -376,12 +376,13 @@ def _folder_key(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out indices, remaining indices): `fraction` of every class, chosen with `seed`."""
+    """(held-out indices, remaining indices): `fraction` of every class, chosen with `seed`; at least one image
+    of every class that has two or more, so that a small data set still has a validation split."""
     rng = np.random.default_rng(seed)
     held, kept = [], []
     for c in np.unique(labels):
         index = rng.permutation(np.flatnonzero(labels == c))
-        n = int(round(len(index) * fraction))
+        n = max(int(round(len(index) * fraction)), 1 if len(index) > 1 else 0)
         held.append(index[:n])
         kept.append(index[n:])
     return np.sort(np.concatenate(held)), np.sort(np.concatenate(kept))

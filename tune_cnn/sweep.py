@@ -234,13 +234,21 @@ class Experiment:
     def _fs(self):
         import pyarrow.fs
 
-        return pyarrow.fs.FileSystem.from_uri(self.path)
+        try:
+            return pyarrow.fs.FileSystem.from_uri(self.path)
+        except pyarrow.ArrowInvalid:
+            raise ConfigError(f"--storage {self.storage} is neither a folder nor a URI that pyarrow opens (s3://, gs://, file://)") from None
 
     def exists(self) -> bool:
         import pyarrow.fs
 
         fs, path = self._fs()
-        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        try:
+            return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        except OSError as error:  # cloud storage that does not answer, or refuses these credentials
+            cause = (str(error).splitlines() or [type(error).__name__])[0]
+            raise StorageError(f"cannot reach the experiment folder {self.path} ({cause}); check --storage, the network and the "
+                               f"credentials") from None
 
     def read_metadata(self) -> dict[str, Any] | None:
         from tune_cnn.analysis import METADATA_FILE
@@ -289,7 +297,7 @@ class Experiment:
             if self.exists():
                 raise ConfigError(f"experiment {self.path} already exists; add --resume to continue it or choose another --name")
             return
-        if not Tuner.can_restore(self.path):
+        if not self.exists() or not Tuner.can_restore(self.path):
             raise ConfigError(f"no experiment to resume at {self.path}; check --storage and --name, or drop --resume")
         stored = self.read_metadata() or {}
         for key in ("space_yaml", "data", "subset", "sweep_seed", "fixed"):
