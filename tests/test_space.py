@@ -118,6 +118,8 @@ BAD_SPACES = {
     "long int range with even values": ("search: optuna\nspace: {conv_width: {int: [1, 65]}}\n", r"space\.conv_width: conv_width 2 is not allowed"),
     "infinite lr": ("fixed: {lr: .inf}\n", r"fixed\.lr: lr inf is out of range"),
     "sweep seed too large": ("seed: 4294967296\n", r"seed: 4294967296 is not allowed; use an integer >= 0 and <= 4294967295"),
+    "cuda without a GPU per trial": ("fixed: {device: cuda}\n", r"resources\.gpu: device cuda needs a GPU per trial"),
+    "swept cuda without a GPU per trial": ("space: {device: [cpu, 'cuda:0']}\n", r"resources\.gpu: device cuda needs a GPU per trial"),
     "max_t short of the epochs": ("fixed: {epochs: 30}\nscheduler: {type: asha, max_t: 10}\n", r"scheduler\.max_t: 10 is less than epochs 30"),
     "distribution out of range": ("search: optuna\nspace: {dropout: {uniform: [0.0, 1.5]}}\n", r"space\.dropout: dropout 1\.5 is out of range"),
     "unknown scheduler": ("scheduler: hyperband\n", r"scheduler: 'hyperband' is not allowed; use one of: fifo, asha"),

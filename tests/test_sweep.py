@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
 from tune_cnn import analysis, sweep
@@ -115,9 +116,19 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
 ])
 def test_storage_that_cannot_be_reached_is_one_line_before_ray_starts(images: Path, storage: str, words: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as stop:
-        sweep.main(["quick", "--data", str(images), "--storage", storage])
+        sweep.main(["quick", "--data", str(images), "--subset", "60", "--storage", storage])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(words) and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_on_a_cluster_without_gpus_is_one_line_and_runs_nothing(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    space = write_space(tmp_path, "fixed: {epochs: 1, device: cuda}\nresources: {gpu: 1}\nspace: {pooling: [max]}\n")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([str(space), "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results")])
+    last = capsys.readouterr().err.splitlines()[-1]  # after Ray's own start-up lines
+    assert stop.value.code == 2 and last == "error: the space sets device cuda and the Ray cluster has no GPU; set device auto to run the trials on CPUs"
+    assert not (tmp_path / "results").exists()
 
 
 def test_dry_run_of_an_optuna_space_shows_its_distributions(images: Path, capsys: pytest.CaptureFixture):

@@ -113,6 +113,11 @@ class SearchSpace:
         return sorted(epochs)
 
     @property
+    def asks_for_cuda(self) -> bool:
+        """Whether some trial names a CUDA device, which only a trial holding a GPU can use."""
+        return any(str(device).startswith("cuda") for device in self._candidates("device"))
+
+    @property
     def trial_count(self) -> int:
         if self.search == "optuna":
             return self.samples
@@ -138,7 +143,7 @@ class SearchSpace:
                 keys = ", ".join(f"{n}={v}" for n, v in zip(names, combo)) or "the fixed settings"
                 raise ConfigError(f"{self.source}: {keys}: {error}") from None
 
-    def _candidates(self, name: str) -> list[int]:
+    def _candidates(self, name: str) -> list[Any]:
         if name in self.space:
             return list(_candidate_values(self.space[name]))
         return [self.fixed.get(name, getattr(TrainConfig(), name))]
@@ -214,6 +219,8 @@ def build_space(path: Path, text: str, raw: Mapping[str, Any]) -> SearchSpace:
         resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, subset=subset, seed=seed,
     )
     _check_trials(fail, result)
+    if result.asks_for_cuda and result.resources.gpu == 0:
+        fail("resources.gpu", "device cuda needs a GPU per trial; set resources.gpu (a fraction such as 0.5, or auto) or device auto")
     return replace(result, scheduler=_scheduler(fail, raw.get("scheduler"), result.epochs))
 
 

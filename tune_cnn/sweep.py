@@ -238,6 +238,8 @@ class Experiment:
             return pyarrow.fs.FileSystem.from_uri(self.path)
         except pyarrow.ArrowInvalid:
             raise ConfigError(f"--storage {self.storage} is neither a folder nor a URI that pyarrow opens (s3://, gs://, file://)") from None
+        except OSError as error:  # s3:// asks for the bucket's region here
+            raise self._unreachable(error) from None
 
     def exists(self) -> bool:
         import pyarrow.fs
@@ -245,10 +247,13 @@ class Experiment:
         fs, path = self._fs()
         try:
             return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-        except OSError as error:  # cloud storage that does not answer, or refuses these credentials
-            cause = (str(error).splitlines() or [type(error).__name__])[0]
-            raise StorageError(f"cannot reach the experiment folder {self.path} ({cause}); check --storage, the network and the "
-                               f"credentials") from None
+        except OSError as error:
+            raise self._unreachable(error) from None
+
+    def _unreachable(self, error: OSError) -> StorageError:
+        """Cloud storage that does not answer, or refuses these credentials."""
+        cause = (str(error).splitlines() or [type(error).__name__])[0]
+        return StorageError(f"cannot reach the experiment folder {self.path} ({cause}); check --storage, the network and the credentials")
 
     def read_metadata(self) -> dict[str, Any] | None:
         from tune_cnn.analysis import METADATA_FILE
@@ -422,6 +427,8 @@ def trial_resources(space: SearchSpace) -> dict[str, float]:
     """The space's resources per trial on this cluster: GPU requests are dropped where no GPU can come."""
     requested = space.resources.gpu
     gpu = space.resources.resolve_gpu(cluster_gpus())
+    if requested and not gpu and space.asks_for_cuda:
+        raise ConfigError("the space sets device cuda and the Ray cluster has no GPU; set device auto to run the trials on CPUs")
     if requested and not gpu:
         print(f"notice: the Ray cluster has no GPU; running the trials on CPUs only (the space asks for gpu {requested})")
     resources = {"cpu": space.resources.cpu, "gpu": gpu}
