@@ -15,7 +15,7 @@ import torch
 
 from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
 from tune_cnn import analysis, sweep
-from tune_cnn.config import CHECKPOINT_REPORTS
+from tune_cnn.config import CHECKPOINT_REPORTS, MODEL_FAMILIES
 from tune_cnn.space import load_space
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
@@ -205,10 +205,13 @@ def test_optuna_with_asha_stops_weak_trials_early(ray_session, images: Path, tmp
     assert all(list((storage / "space" / name).glob("events.out.tfevents*")) for name in results)  # --tensorboard
 
 
-def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
-    # Asking for CUDA on a machine without it fails inside the trial, after its retries.
+def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch):
+    # A model family known to the driver only (registered in a script, not in a module the trials import)
+    # passes the driver's checks and fails inside the trial, after its retries.
+    monkeypatch.setitem(MODEL_FAMILIES, "driver_only_cnn", lambda config, shape: None)
     space = write_space(tmp_path, """
-        fixed: {epochs: 1, device: cuda, padding: same}
+        fixed: {epochs: 1, model: driver_only_cnn, padding: same}
         space: {pooling: [max]}
     """)
     code = sweep.main([str(space), "--data", str(images), "--subset", "30", "--storage", str(tmp_path / "results")])
