@@ -74,6 +74,22 @@ def test_gpu_auto_packs_eight_trials_per_gpu_and_is_dropped_without_gpus():
     assert Resources(gpu=0.5).resolve_gpu(cluster_gpus=1) == 0.5
 
 
+def test_numbers_written_as_yaml_reads_1e_3_are_numbers_everywhere(tmp_path: Path):
+    # PyYAML reads 1e-3 as the string '1e-3' (a YAML float needs a dot); the space stores the float it means
+    grid = load_space(write_space(tmp_path, """
+        fixed: {weight_decay: 5e-4, lr: 1}
+        space: {momentum: [0.5, 9e-1]}
+    """, "grid.yaml"))
+    assert grid.fixed == {"weight_decay": 0.0005, "lr": 1.0} and grid.space["momentum"] == (0.5, 0.9)
+    assert all(type(v) is float for v in (*grid.fixed.values(), *grid.space["momentum"]))
+    optuna = load_space(write_space(tmp_path, """
+        search: optuna
+        scheduler: {type: asha, reduction_factor: 3e0}
+        space: {lr: {loguniform: [1e-4, 1e-2]}}
+    """, "optuna.yaml"))
+    assert optuna.space["lr"] == Distribution("loguniform", 0.0001, 0.01) and optuna.scheduler.reduction_factor == 3.0
+
+
 def test_int_distributions_are_inclusive_and_checked_value_by_value(tmp_path: Path):
     ok = write_space(tmp_path, """
         search: optuna

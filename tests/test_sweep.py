@@ -221,16 +221,19 @@ def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path
 
 
 def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Path):
+    # 1e-3 is a string to YAML (its floats need a dot); the space reads it as the float it means, everywhere
     space = write_space(tmp_path, """
-        fixed: {epochs: 1, padding: same}
-        space: {pooling: [max, avg]}
+        fixed: {epochs: 1, padding: same, weight_decay: 1e-4}
+        space: {lr: [1e-3, 0.003]}
     """)
     for name in ("first", "second"):
         assert sweep.main([str(space), "--data", str(images), "--storage", str(tmp_path / "results"), "--name", name, "--seed", "7"]) == 0
     runs = [trial_results(tmp_path / "results" / name) for name in ("first", "second")]
-    numbers = [sorted((h[-1]["config"]["pooling"], h[-1]["trial_seed"], h[-1]["val_loss"]) for h in run.values()) for run in runs]
+    numbers = [sorted((h[-1]["config"]["lr"], h[-1]["trial_seed"], h[-1]["val_loss"]) for h in run.values()) for run in runs]
     assert numbers[0] == numbers[1]
     assert numbers[0][0][1] != numbers[0][1][1]  # the two trials got different seeds
+    df = analysis.load(tmp_path / "results" / "first")
+    assert sorted(df["lr"].unique()) == [0.001, 0.003] and set(df["weight_decay"]) == {0.0001}
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):

@@ -186,7 +186,7 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
-        value = _float_text(value)
+        value = float_text(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif hint is str:
@@ -200,7 +200,7 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _float_text(value: Any) -> Any:
+def float_text(value: Any) -> Any:
     """A number written as text, as YAML reads 1e-3 (its floats need a dot: 1.0e-3), as that float."""
     if not isinstance(value, str):
         return value

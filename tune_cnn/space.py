@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tune_cnn.config import MAX_SEED, MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
+from tune_cnn.config import MAX_SEED, MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig, float_text
 from tune_cnn.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -246,6 +246,7 @@ def _integer(fail: _Failer, key: str, value: Any, minimum: int, maximum: int | N
 
 
 def _number(fail: _Failer, key: str, value: Any, minimum: float, strict: bool = False) -> float:
+    value = float_text(value)
     ok = _finite(value)
     if not ok or value < minimum or (strict and value == minimum):
         fail(key, f"{value!r} is not allowed; use a finite number {'>' if strict else '>='} {minimum:g}")
@@ -302,10 +303,9 @@ def _scheduler(fail: _Failer, raw: Any, epochs: int) -> Scheduler:
 
 
 def _fixed(fail: _Failer, raw: Any) -> dict[str, Any]:
-    fixed = dict(_mapping(fail, "fixed", raw, SETTINGS))
-    for name, value in fixed.items():
-        _check_setting(fail, f"fixed.{name}", {name: value})
-    _check_setting(fail, "fixed", fixed)
+    given = _mapping(fail, "fixed", raw, SETTINGS)
+    fixed = {name: _typed(fail, f"fixed.{name}", {name: value})[name] for name, value in given.items()}
+    _typed(fail, "fixed", fixed)
     return fixed
 
 
@@ -318,9 +318,9 @@ def _space(fail: _Failer, raw: Any, fixed: Mapping[str, Any], search: str) -> di
         key = f"space.{name}"
         if name in fixed:
             fail(key, "is both fixed and swept; keep it in one of `fixed` and `space`")
-        space[name] = _values(fail, key, name, value, search)
-        for probe in _candidate_values(space[name]):
-            _check_setting(fail, key, {**fixed, name: probe})
+        values = _values(fail, key, name, value, search)
+        typed = [_typed(fail, key, {**fixed, name: probe})[name] for probe in _candidate_values(values)]
+        space[name] = values if isinstance(values, Distribution) else tuple(typed)
     return space
 
 
@@ -340,6 +340,7 @@ def _distribution(fail: _Failer, key: str, name: str, value: Mapping[str, Any]) 
     if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
         fail(key, f"a distribution is one of {{uniform: [a, b]}}, {{loguniform: [a, b]}}, {{int: [a, b]}}; got {dict(value)}")
     kind, bounds = next(iter(value.items()))
+    bounds = [float_text(b) for b in bounds] if isinstance(bounds, list) else bounds
     if name in ("epochs", "checkpoint_every"):
         fail(key, "sweep epochs and checkpoint_every as a list of values, not a distribution")
     numbers = isinstance(bounds, list) and len(bounds) == 2 and all(_finite(b) for b in bounds)
@@ -356,11 +357,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_setting(fail: _Failer, key: str, settings: Mapping[str, Any]) -> None:
+def _typed(fail: _Failer, key: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Check settings together and return each as its setting's type, so numeric text (`1e-3`, which YAML
+    reads as a string) reaches Ray, params.json and the analysis as the float it means."""
     try:
-        TrainConfig.from_flat(settings)
+        flat = TrainConfig.from_flat(settings).flat()
     except ConfigError as error:
         fail(key, str(error))
+    return {name: flat[name] for name in settings}
 
 
 def _candidate_values(values: Values) -> list[Any]:
@@ -371,4 +375,4 @@ def _check_trials(fail: _Failer, space: SearchSpace) -> None:
     """Every grid trial must make a valid config: settings can be valid alone and clash together."""
     if space.search == "grid":
         for trial in space.grid_trials():
-            _check_setting(fail, "space", trial)
+            _typed(fail, "space", trial)
