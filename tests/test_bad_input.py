@@ -160,6 +160,13 @@ CASES: dict[str, Case] = {
     "archive member with an absolute path": ("train", lambda t, i: ["--data", evil_tar(t, "/tmp/escaped.txt")], "unsafe path '/tmp/escaped.txt'"),
     "archive member that links outside": ("train", lambda t, i: ["--data", evil_tar(t, "train", link=True)], "holds a link (train)"),
     "subset larger than the data": ("train", lambda t, i: ["--data", str(i), "--subset", "999"], "subset 999 is out of range"),
+    "batch norm on a one-image subset": (
+        "train", lambda t, i: ["--data", str(i), "--subset", "1", "--set", "batch_norm=true"], "batch_norm needs 2 or more training images",
+    ),
+    "a sweep's batch norm on a one-image subset": (
+        "sweep", lambda t, i: [space_file(t, "fixed: {epochs: 1}\nsubset: 1\nspace: {batch_norm: [false, true]}\n"), "--data", str(i)],
+        "batch_norm=True: batch_norm needs 2 or more training images",
+    ),
     # Training settings
     "GPU requested where there is none": ("train", lambda t, i: ["--data", str(i), "--set", "device=cuda"], "has no CUDA GPU"),
     "unknown training setting": ("train", lambda t, i: ["--data", str(i), "--set", "epoch=3"], "unknown setting(s) epoch"),
