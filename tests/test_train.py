@@ -38,6 +38,7 @@ def test_checkpoints_load_with_weights_only(small_data, tmp_path):
     train(TrainConfig.from_flat({"epochs": 1}), small_data, quiet(tmp_path))
     state = torch.load(tmp_path / "epoch_001" / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 1 and {"model", "optimizer", "rng", "config"} <= set(state)
+    assert state["data"] == {"seed": 0, "subset": None}
 
 
 @pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05}])
@@ -79,6 +80,21 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
     with pytest.raises(SystemExit):
         train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_002")])
     assert capsys.readouterr().err.startswith("error: the checkpoint is at epoch 2 and epochs is 2, so nothing is left to train; set epochs above 2")
+
+
+def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_folder, decode_cache, tmp_path, capsys):
+    # As a sweep's trial: the data split with the sweep's seed (5) and a subset, the trial trained with its own seed (0)
+    data = load_data(image_folder, subset=20, seed=5)
+    config = TrainConfig.from_flat({"epochs": 2, "checkpoint_every": 1, "batch_size": 8})
+    train(config, data, quiet(tmp_path / "trial"))
+    train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "resumed"), "--resume", str(tmp_path / "trial" / "epoch_001")])
+    assert "20 train" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "resumed" / "epoch_002" / CHECKPOINT_FILE, weights_only=True)
+    assert resumed["data"] == {"seed": 5, "subset": 20}
+    uninterrupted = torch.load(tmp_path / "trial" / "epoch_002" / CHECKPOINT_FILE, weights_only=True)
+    assert all(torch.equal(resumed["model"][name], weights) for name, weights in uninterrupted["model"].items())
+    with pytest.raises(ConfigError, match=r"^the checkpoint trained on the split with seed 5 and subset 20, this data has seed 0 and subset None"):
+        train(config, load_data(image_folder), quiet(tmp_path / "other"), resume=load_checkpoint(tmp_path / "trial" / "epoch_001"))
 
 
 def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):

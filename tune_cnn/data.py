@@ -54,6 +54,13 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    split_seed: int = 0  # the seed of the validation split and the subset
+    subset: int | None = None
+
+    @property
+    def split(self) -> dict[str, int | None]:
+        """What chose the validation split and the subset, for a checkpoint to train on the same images again."""
+        return {"seed": self.split_seed, "subset": self.subset}
 
     @property
     def shape(self) -> InputShape:
@@ -112,7 +119,7 @@ def load_data(
             raise DataError(f"subset {subset} is out of range; use 1 to {len(train)} training images")
         train = train.take(stratified_subset(train.y, subset, seed))
     mean, std = channel_statistics(train.x)
-    return DataSplits(train, val, raw.test, raw.classes, mean, std, source)
+    return DataSplits(train, val, raw.test, raw.classes, mean, std, source, seed, subset)
 
 
 def load_raw(source: str, cache_dir: Path) -> RawData:

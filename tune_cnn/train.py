@@ -35,7 +35,7 @@ from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config")
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config", "data")
 # What a resumed run must share with its checkpoint: the weights' shapes and the optimizer's state depend on them.
 RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer")
 Metrics = dict[str, float]
@@ -107,6 +107,15 @@ def check_resumable(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
     if changed:
         raise ConfigError(f"the checkpoint was trained with {', '.join(changed)}; resume with its model and optimizer "
                           f"settings (train --resume takes them from the checkpoint)")
+
+
+def check_same_split(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
+    """A ConfigError where `data` is split otherwise than the checkpoint's: its validation images would differ."""
+    saved = checkpoint["data"]
+    if saved != data.split:
+        raise ConfigError(f"the checkpoint trained on the split with seed {saved['seed']} and subset {saved['subset']}, "
+                          f"this data has seed {data.split_seed} and subset {data.subset}; load the data as the checkpoint's "
+                          f"(train --resume does, unless --subset says otherwise)")
 
 
 def check_epochs_left(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
@@ -319,6 +328,7 @@ def train(
     config.model.check_trains_on(len(data.train))
     if resume is not None:
         check_resumable(config, resume)
+        check_same_split(data, resume)
     engine = build_engine(config, data.shape, data.mean, data.std)
     model, optimizer, shuffle, device = engine.model, engine.optimizer, engine.shuffle, engine.device
     first_epoch = 1
@@ -344,7 +354,7 @@ def train(
             with tempfile.TemporaryDirectory(prefix="tune_cnn_ckpt_") as folder:
                 torch.save(
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "rng": _rng_state(shuffle, device), "config": config.flat()},
+                     "rng": _rng_state(shuffle, device), "config": config.flat(), "data": data.split},
                     Path(folder) / CHECKPOINT_FILE,
                 )
                 report(metrics, Path(folder))
@@ -544,13 +554,15 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     resume = load_checkpoint(args.resume) if args.resume else None
-    # A resumed run keeps its checkpoint's settings, the seed (hence the validation split) included.
+    # A resumed run keeps its checkpoint's settings and data split: a sweep's trial trains with its own seed on
+    # the sweep's split.
     config = TrainConfig.from_flat({**(resume["config"] if resume else {}), **parse_settings(args.set)})
+    split = resume["data"] if resume else {"seed": config.seed, "subset": None}
     if resume:
         check_resumable(config, resume)
         check_epochs_left(config, resume)
     reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
-    data = load_data(args.data, subset=args.subset, seed=config.seed)
+    data = load_data(args.data, subset=split["subset"] if args.subset is None else args.subset, seed=split["seed"])
     print(data.describe(), flush=True)
     train(config, data, reporter, resume)
 
