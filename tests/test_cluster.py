@@ -70,6 +70,9 @@ def test_gpu_requests_survive_a_cluster_whose_gpu_workers_have_not_started(monke
     assert sweep.scalable_gpus() == 0
 
 
+JOINING = "; if nodes are still joining, start the sweep once they have"
+
+
 @pytest.fixture
 def fake_gpu_cluster():
     """A head without resources for trials, and two worker nodes with 2 CPUs and one (fake) GPU each."""
@@ -89,7 +92,14 @@ def test_a_trial_larger_than_every_node_is_one_line_not_a_hang(fake_gpu_cluster,
                                  ("--gpus-per-trial", "2", "2 GPU(s) and the largest node of the Ray cluster has 1; lower --gpus-per-trial")):
         done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results"), "--address", cluster.address,
                        option, value)
-        assert done.returncode == 2 and done.stderr.splitlines() == [f"error: a trial asks for {words} (or resources.{option[2:5]} in the space)"], done.stderr[-3000:]
+        assert done.returncode == 2 and done.stderr.splitlines() == [f"error: a trial asks for {words} (or resources.{option[2:5]} in the space){JOINING}"], done.stderr[-3000:]
+    cluster.add_node(num_cpus=4)  # 3 CPUs fit this node and 1 GPU the others, but no node holds both
+    cluster.wait_for_nodes()
+    done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results"), "--address", cluster.address,
+                   "--cpus-per-trial", "3", "--gpus-per-trial", "1")
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: a trial asks for 3 CPU(s) and 1 GPU(s) and no node of the Ray cluster has both; lower --cpus-per-trial or "
+        f"--gpus-per-trial (or resources in the space){JOINING}"], done.stderr[-3000:]
     assert not (tmp_path / "results").exists()
 
 

@@ -442,11 +442,18 @@ def check_a_node_fits(resources: dict[str, float]) -> None:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(node.get(key.upper(), 0) >= amount for key, amount in resources.items()) for node in nodes):
+        return
+    if autoscaler_limits() is not None:
+        return
+    joining = "; if nodes are still joining, start the sweep once they have"
     for key, option in (("cpu", "--cpus-per-trial"), ("gpu", "--gpus-per-trial")):
         largest = max(n.get(key.upper(), 0) for n in nodes)
-        if resources[key] > largest and autoscaler_limits() is None:
+        if resources[key] > largest:
             raise ConfigError(f"a trial asks for {resources[key]:g} {key.upper()}(s) and the largest node of the Ray cluster has "
-                              f"{largest:g}; lower {option} (or resources.{key} in the space)")
+                              f"{largest:g}; lower {option} (or resources.{key} in the space){joining}")
+    raise ConfigError(f"a trial asks for {resources['cpu']:g} CPU(s) and {resources['gpu']:g} GPU(s) and no node of the Ray cluster "
+                      f"has both; lower --cpus-per-trial or --gpus-per-trial (or resources in the space){joining}")
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
