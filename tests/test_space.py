@@ -136,6 +136,9 @@ BAD_SPACES = {
     "sweep seed too large": ("seed: 4294967296\n", r"seed: 4294967296 is not allowed; use an integer >= 0 and <= 4294967295"),
     "cuda without a GPU per trial": ("fixed: {device: cuda}\n", r"resources\.gpu: device cuda needs a GPU per trial"),
     "swept cuda without a GPU per trial": ("space: {device: [cpu, 'cuda:0']}\n", r"resources\.gpu: device cuda needs a GPU per trial"),
+    "a GPU index a trial cannot see": (
+        "resources: {gpu: 0.5}\nfixed: {device: 'cuda:1'}\n", r"fixed\.device: 'cuda:1': a trial sees only the 1 GPU\(s\) Ray gives it, as cuda:0 to cuda:0",
+    ),
     "max_t short of the epochs": ("fixed: {epochs: 30}\nscheduler: {type: asha, max_t: 10}\n", r"scheduler\.max_t: 10 is less than epochs 30"),
     "distribution out of range": ("search: optuna\nspace: {dropout: {uniform: [0.0, 1.5]}}\n", r"space\.dropout: dropout 1\.5 is out of range"),
     "unknown scheduler": ("scheduler: hyperband\n", r"scheduler: 'hyperband' is not allowed; use one of: fifo, asha"),

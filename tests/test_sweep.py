@@ -126,8 +126,8 @@ def test_device_cuda_on_a_cluster_without_gpus_is_one_line_and_runs_nothing(imag
     space = write_space(tmp_path, "fixed: {epochs: 1, device: cuda}\nresources: {gpu: 1}\nspace: {pooling: [max]}\n")
     with pytest.raises(SystemExit) as stop:
         sweep.main([str(space), "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results")])
-    last = capsys.readouterr().err.splitlines()[-1]  # after Ray's own start-up lines
-    assert stop.value.code == 2 and last == "error: the space sets device cuda and the Ray cluster has no GPU; set device auto to run the trials on CPUs"
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == "error: the space sets device cuda and the Ray cluster has no GPU; set device auto to run the trials on CPUs\n"
     assert not (tmp_path / "results").exists()
 
 

@@ -221,8 +221,7 @@ def build_space(path: Path, text: str, raw: Mapping[str, Any]) -> SearchSpace:
         resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, subset=subset, seed=seed,
     )
     _check_trials(fail, result)
-    if result.asks_for_cuda and result.resources.gpu == 0:
-        fail("resources.gpu", "device cuda needs a GPU per trial; set resources.gpu (a fraction such as 0.5, or auto) or device auto")
+    _check_cuda_devices(fail, result)
     return replace(result, scheduler=_scheduler(fail, raw.get("scheduler"), result.epochs))
 
 
@@ -367,6 +366,20 @@ def _typed(fail: _Failer, key: str, settings: Mapping[str, Any]) -> dict[str, An
     except ConfigError as error:
         fail(key, str(error))
     return {name: flat[name] for name in settings}
+
+
+def _check_cuda_devices(fail: _Failer, space: SearchSpace) -> None:
+    """A trial sees only the GPUs Ray gives it, as cuda:0 onwards: a CUDA device needs a GPU and an index among them."""
+    if not space.asks_for_cuda:
+        return
+    gpu = space.resources.gpu
+    if gpu == 0:
+        fail("resources.gpu", "device cuda needs a GPU per trial; set resources.gpu (a fraction such as 0.5, or auto) or device auto")
+    visible = 1 if gpu == "auto" else max(1, int(gpu))
+    for device in space._candidates("device"):
+        if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= visible:
+            fail(f"{'space' if 'device' in space.space else 'fixed'}.device",
+                 f"'{device}': a trial sees only the {visible} GPU(s) Ray gives it, as cuda:0 to cuda:{visible - 1}; use device cuda or auto")
 
 
 def _candidate_values(values: Values) -> list[Any]:

@@ -357,6 +357,10 @@ def connect_ray(address: str | None) -> bool:
         check_cluster_answers(address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # Ray's notice that a local session uses its default, token authentication, is no news to a sweep's user and
+        # would come before a one-line error; its warning where authentication is off still shows.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
         # No dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own).
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     return True
