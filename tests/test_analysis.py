@@ -392,6 +392,7 @@ def test_grouping_by_what_is_not_a_setting_is_one_line_and_writes_nothing(seed_e
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(f"error: cannot group by {by}: not a setting; choose from: ") and err.count("\n") == 1
     assert "pooling" in err and not (tmp_path / "out").exists()
+    assert ("summary_epoch.csv" in err) == (by == "epoch")
 
 
 # --- A tiny real Ray Tune sweep ----------------------------------------------------------------------------

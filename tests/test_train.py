@@ -99,8 +99,9 @@ def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_fold
 
 def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"checkpoints folder .*notes\.txt is a file; pass a folder"):
-        LocalCheckpoints(tmp_path / "notes.txt")
+    for folder in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        with pytest.raises(ConfigError, match=r"checkpoints folder .*: .*notes\.txt is a file; pass a folder"):
+            LocalCheckpoints(folder)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

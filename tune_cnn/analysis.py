@@ -379,7 +379,8 @@ def _check_settings(df: pd.DataFrame, names: Sequence[str]) -> None:
     settings = [c for c in df.columns if c not in ("trial_id", "status", "epoch", "trial_seed", *METRICS)]
     wrong = [n for n in names if n not in settings]
     if wrong:
-        raise AnalysisError(f"cannot group by {', '.join(wrong)}: not a setting; choose from: {', '.join(settings)}")
+        by_epoch = " (the analysis always writes summary_epoch.csv and by_epoch.png)" if "epoch" in wrong else ""
+        raise AnalysisError(f"cannot group by {', '.join(wrong)}: not a setting; choose from: {', '.join(settings)}{by_epoch}")
 
 
 def select_rows(df: pd.DataFrame, at: At = "epochs", at_epochs: Sequence[int] | None = None) -> pd.DataFrame:
