@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import shutil
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -161,6 +162,26 @@ def test_what_a_killed_driver_cut_short_comes_from_the_newest_readable_checkpoin
     assert df.attrs["incomplete"] == {unreadable.name: "settings unreadable"}
     assert df["val_acc"].tolist() == pytest.approx([reports[0]["val_acc"], reports[1]["val_acc"], 0.9, reports[3]["val_acc"]])
     assert (df["pooling"] == "avg").all() and (df["conv_width"] == 5).all() and df["status"].iloc[0] == "finished"
+
+
+def test_a_trial_with_only_a_checkpoint_so_far_loads_from_it(tmp_path: Path):
+    # A driver killed early: the trial saved its first checkpoint, with its params and reports, before the driver
+    # uploaded the trial's params.json, result.json or progress.csv.
+    experiment = tmp_path / "killed-early"
+    params = {**seed_params("avg", 5), "epochs": 4}
+    checkpoint = experiment / "trainable_abc12_00000_0" / "checkpoint_000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / CHECKPOINT_REPORTS).write_text(json.dumps({"params": params, "reports": [curve("avg", 5, 1)]}))
+    write_state(experiment, {"trainable_abc12_00000_0": ("abc12_00000", "RUNNING"), "trainable_abc12_00001_1": ("abc12_00001", "PENDING")})
+    df = analysis.load(experiment)
+    assert df[["trial_id", "epoch", "pooling", "conv_width"]].values.tolist() == [["abc12_00000", 1, "avg", 5]]
+    assert df["val_acc"].tolist() == [curve("avg", 5, 1)["val_acc"]]
+    assert df.attrs["incomplete"] == {"abc12_00000": "running", "abc12_00001": "not started"}
+    (experiment / "tune_cnn.json").write_text(json.dumps(SEED_METADATA))  # swept pooling, conv_width
+    for checkpoint in experiment.glob("*/checkpoint_*"):
+        shutil.rmtree(checkpoint)
+    analysis.main([str(experiment)])  # no trial has reported yet: a report that says so
+    assert "No trial has reported a result yet." in (experiment / "analysis" / "report.md").read_text()
 
 
 def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):

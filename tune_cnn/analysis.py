@@ -161,13 +161,21 @@ def _experiment_listing(storage: Storage) -> tuple[list[str], list[str]]:
     if kind == "missing":
         raise AnalysisError(f"{storage.location} does not exist; pass an experiment folder such as ./tune_results/seed")
     files, folders = storage.listing() if kind == "folder" else ([], [])
-    trial_folders = [name for name in folders if storage.kind(f"{name}/params.json") == "file"]
+    trial_folders = [name for name in folders if _is_trial_folder(storage, name)]
     if not trial_folders and not any(_is_state_file(f) for f in files) and METADATA_FILE not in files:
         raise AnalysisError(
             f"{storage.location} is not a Ray Tune experiment folder (no experiment_state-*.json, {METADATA_FILE} "
             f"or trial folders with params.json); pass STORAGE/NAME of a sweep, such as ./tune_results/seed"
         )
     return files, trial_folders
+
+
+def _is_trial_folder(storage: Storage, name: str) -> bool:
+    """A folder with params.json, or only a checkpoint so far: a driver killed early may not have uploaded the
+    trial's files yet, while the trial saved its params and reports with the checkpoint (sweep.saved_reports)."""
+    if storage.kind(f"{name}/params.json") == "file":
+        return True
+    return any(sub.startswith("checkpoint_") for sub in storage.listing(name)[1])
 
 
 def _is_state_file(name: str) -> bool:
@@ -820,9 +828,9 @@ def analyse_into(df: pd.DataFrame, experiment: str | Path, out: Path | None = No
 def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None,
                  plotters: Executor | None) -> None:
     settings = list(by) if by is not None else context(df).swept
-    _check_settings(df, settings)
-    if len(df):
-        snapshot_epochs(df, at_epochs)  # a bad --epochs fails before anything is written
+    if len(df):  # a bad --by or --epochs fails before anything is written
+        _check_settings(df, settings)
+        snapshot_epochs(df, at_epochs)
     folder.mkdir(parents=True, exist_ok=True)
     df.to_csv(folder / "results.csv", index=False)
     df.to_parquet(folder / "results.parquet", index=False)
