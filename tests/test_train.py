@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import CUDA, synthetic_splits
+from conftest import CUDA, make_image_folder, synthetic_splits
 from tune_cnn.data import load_data
 from tune_cnn.config import TrainConfig
 from tune_cnn.errors import ConfigError
@@ -38,7 +38,8 @@ def test_checkpoints_load_with_weights_only(small_data, tmp_path):
     train(TrainConfig.from_flat({"epochs": 1}), small_data, quiet(tmp_path))
     state = torch.load(tmp_path / "epoch_001" / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 1 and {"model", "optimizer", "rng", "config"} <= set(state)
-    assert state["data"] == {"seed": 0, "subset": None}
+    assert state["data"] == {"seed": 0, "subset": None, "shape": [3, 20, 20, 4]}
+    assert load_checkpoint(tmp_path / "epoch_001" / CHECKPOINT_FILE)["epoch"] == 1  # the file itself, as well as its folder
 
 
 @pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05}])
@@ -90,11 +91,19 @@ def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_fold
     train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "resumed"), "--resume", str(tmp_path / "trial" / "epoch_001")])
     assert "20 train" in capsys.readouterr().out
     resumed = torch.load(tmp_path / "resumed" / "epoch_002" / CHECKPOINT_FILE, weights_only=True)
-    assert resumed["data"] == {"seed": 5, "subset": 20}
+    assert resumed["data"] == {"seed": 5, "subset": 20, "shape": [3, 20, 20, 3]}
     uninterrupted = torch.load(tmp_path / "trial" / "epoch_002" / CHECKPOINT_FILE, weights_only=True)
     assert all(torch.equal(resumed["model"][name], weights) for name, weights in uninterrupted["model"].items())
     with pytest.raises(ConfigError, match=r"^the checkpoint trained on the split with seed 5 and subset 20, this data has seed 0 and subset None"):
         train(config, load_data(image_folder), quiet(tmp_path / "other"), resume=load_checkpoint(tmp_path / "trial" / "epoch_001"))
+    for per_class, message in ((10, "subset 20 is out of range; use 1 to 18 training images (resuming a checkpoint that trained on "
+                                     "3x20x20 images of 3 classes, subset 20: pass the --data it trained on)"),
+                               (15, "the checkpoint trained on 3x20x20 images of 3 classes, this data has 3x20x20 images of 2 classes; "
+                                    "resume on the data it trained on")):
+        two_classes = make_image_folder(tmp_path / f"two{per_class}", classes=("cat", "dog"), per_class={"train": per_class, "test": 4})
+        with pytest.raises(SystemExit) as stop:
+            train_main(["--data", str(two_classes), "--resume", str(tmp_path / "trial" / "epoch_001")])
+        assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):

@@ -33,6 +33,9 @@ class InputShape:
     width: int
     classes: int
 
+    def describe(self) -> str:
+        return f"{self.channels}x{self.height}x{self.width} images of {self.classes} classes"
+
 
 @dataclass(frozen=True)
 class ModelConfig:

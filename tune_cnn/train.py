@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from torch import nn
 
 from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, DataError, exit_on_user_error
 from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
@@ -83,8 +83,8 @@ class LocalCheckpoints:
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:
-    """Read a checkpoint folder; weights_only=True means a checkpoint file cannot run code."""
-    path = Path(folder) / CHECKPOINT_FILE
+    """Read a checkpoint folder (or its checkpoint file); weights_only=True means a checkpoint file cannot run code."""
+    path = Path(folder) if Path(folder).name == CHECKPOINT_FILE else Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found; pass a checkpoint folder such as checkpoints/epoch_010")
     try:
@@ -110,9 +110,13 @@ def check_resumable(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
                           f"settings (train --resume takes them from the checkpoint)")
 
 
-def check_same_split(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
-    """A ConfigError where `data` is split otherwise than the checkpoint's: its validation images would differ."""
-    saved = checkpoint["data"]
+def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
+    """A ConfigError where `data` is not the checkpoint's: other images or classes, or another split of them."""
+    saved = dict(checkpoint["data"])
+    shape = InputShape(*saved.pop("shape"))
+    if shape != data.shape:
+        raise ConfigError(f"the checkpoint trained on {shape.describe()}, this data has {data.shape.describe()}; "
+                          f"resume on the data it trained on")
     if saved != data.split:
         raise ConfigError(f"the checkpoint trained on the split with seed {saved['seed']} and subset {saved['subset']}, "
                           f"this data has seed {data.split_seed} and subset {data.subset}; load the data as the checkpoint's "
@@ -329,7 +333,7 @@ def train(
     config.model.check_trains_on(len(data.train))
     if resume is not None:
         check_resumable(config, resume)
-        check_same_split(data, resume)
+        check_same_data(data, resume)
     engine = build_engine(config, data.shape, data.mean, data.std)
     model, optimizer, shuffle, device = engine.model, engine.optimizer, engine.shuffle, engine.device
     first_epoch = 1
@@ -355,7 +359,8 @@ def train(
             with tempfile.TemporaryDirectory(prefix="tune_cnn_ckpt_") as folder:
                 torch.save(
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "rng": _rng_state(shuffle, device), "config": config.flat(), "data": data.split},
+                     "rng": _rng_state(shuffle, device), "config": config.flat(),
+                     "data": {**data.split, "shape": list(astuple(data.shape))}},
                     Path(folder) / CHECKPOINT_FILE,
                 )
                 report(metrics, Path(folder))
@@ -563,7 +568,14 @@ def main(argv: list[str] | None = None) -> None:
         check_resumable(config, resume)
         check_epochs_left(config, resume)
     reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
-    data = load_data(args.data, subset=split["subset"] if args.subset is None else args.subset, seed=split["seed"])
+    try:
+        data = load_data(args.data, subset=split["subset"] if args.subset is None else args.subset, seed=split["seed"])
+    except DataError as error:
+        if not resume:
+            raise
+        shape = InputShape(*resume["data"]["shape"])
+        raise DataError(f"{error} (resuming a checkpoint that trained on {shape.describe()}, subset {split['subset']}: "
+                        f"pass the --data it trained on)") from None
     print(data.describe(), flush=True)
     train(config, data, reporter, resume)
 
