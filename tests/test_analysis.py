@@ -330,6 +330,28 @@ def test_a_continuous_setting_is_split_at_its_median(tmp_path: Path):
     assert table.at[0, "difference"] == pytest.approx(0.04)
 
 
+def test_a_setting_drawn_from_a_distribution_is_split_at_its_median_however_few_trials(tmp_path: Path):
+    experiment = tmp_path / "optuna"
+    for index, lr in enumerate([3e-4, 1e-3, 2e-3, 7e-3]):
+        write_trial(experiment, index, {"epochs": 1, "lr": lr}, [{**curve("max", 3, 1), "val_acc": 0.5 + index / 100}])
+    (experiment / "tune_cnn.json").write_text(json.dumps({"swept": ["lr"], "sampled": ["lr"], "checkpoint_epochs": [1]}))
+    table = analysis.effects(analysis.load(experiment))
+    assert table[["value_a", "value_b", "n_a", "n_b"]].values.tolist() == [["<= 0.0015", "> 0.0015", 2, 2]]
+
+
+def test_an_unbalanced_sweeps_difference_is_said_to_hold_the_other_settings_equal(tmp_path: Path):
+    experiment = tmp_path / "interrupted"
+    for index, (pooling, width) in enumerate([("max", 3), ("max", 5), ("avg", 3), ("avg", 5), ("max", 7)]):
+        write_trial(experiment, index, seed_params(pooling, width), [curve(pooling, width, e) for e in range(1, EPOCHS + 1)])
+    df = analysis.load(experiment)
+    effect_table = analysis.effects(df, ["pooling", "conv_width"])
+    lines = analysis.findings(df, effect_table, analysis.importance(df, ["pooling", "conv_width"]), analysis.diagnose(df))
+    pooling = next(line for line in lines if line.startswith("pooling:"))
+    row = effect_table.set_index("setting").loc["pooling"]
+    assert row["difference"] != pytest.approx(row["mean_b"] - row["mean_a"])  # (max, 7) pulls max's mean down
+    assert pooling.startswith(f"pooling: max vs avg differ by {row['difference'] * 100:+.1f} points with the other settings held equal (")
+
+
 # --- Exports, plots and report -----------------------------------------------------------------------------
 
 
@@ -356,7 +378,11 @@ def test_write_analysis_writes_tables_plots_and_a_report(seed_experiment: Path):
     assert f"Best trial: **{best['trial_id']}**" in report
     for setting in ("pooling", "conv_width"):
         assert f"### By {setting}" in report and f"]({'by_' + setting}.png)" in report
-    assert "pooling: max vs avg differ by +0.5 points" in report and "within noise" in report
+    assert "pooling: max vs avg differ by +0.5 points (" in report and "within noise" in report  # balanced: the means' difference
+    assert report.startswith("# Analysis of mini-seed\n")
+    analysis.main([str(seed_experiment), "--by", "pooling"])  # a regrouping replaces the earlier groupings' files
+    assert sorted(p.name for p in folder.glob("summary_*")) == ["summary_epoch.csv", "summary_pooling.csv"]
+    assert sorted(p.name for p in folder.glob("by_*")) == ["by_epoch.png", "by_pooling.png"]
     assert "Overfitting: 5 of 6 trials" in report and "lowest at epoch 3.5 on average" in report
 
 

@@ -220,7 +220,7 @@ def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path
     assert "1 trial(s) errored: run_trial_" in captured.err and "(pooling=max)" in captured.err
 
 
-def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Path):
+def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     # 1e-3 is a string to YAML (its floats need a dot); the space reads it as the float it means, everywhere
     space = write_space(tmp_path, """
         fixed: {epochs: 1, padding: same, weight_decay: 1e-4}
@@ -234,6 +234,11 @@ def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Pat
     assert numbers[0][0][1] != numbers[0][1][1]  # the two trials got different seeds
     df = analysis.load(tmp_path / "results" / "first")
     assert sorted(df["lr"].unique()) == [0.001, 0.003] and set(df["weight_decay"]) == {0.0001}
+    with pytest.raises(SystemExit):
+        sweep.main([str(space), "--data", str(images), "--storage", str(tmp_path / "results"), "--name", "first", "--seed", "7",
+                    "--epochs", "2", "--resume"])
+    assert capsys.readouterr().err == (f"error: experiment {tmp_path / 'results' / 'first'} was started otherwise (epochs 1, now 2); "
+                                       f"resume it with the same space and options\n")
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):

@@ -416,11 +416,14 @@ def snapshot_epochs(df: pd.DataFrame, at_epochs: Sequence[int] | None = None) ->
 
 
 def grouping_levels(df: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
-    """A copy whose continuous settings (more than MAX_LEVELS numeric values) read '<= median' / '> median'."""
+    """A copy whose continuous settings read '<= median' / '> median': those with more than MAX_LEVELS numeric
+    values, and those a sweep drew from a distribution (more than two values), whose values never repeat."""
+    sampled = context(df).metadata.get("sampled", [])
     df = df.copy()
     for name in settings:
         values = df.groupby("trial_id")[name].first()
-        if values.nunique() > MAX_LEVELS and pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        levels = MAX_LEVELS if name not in sampled else 2
+        if values.nunique() > levels and pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             median = values.median()
             df[name] = np.where(df[name] <= median, f"<= {median:.3g}", f"> {median:.3g}")
     return df
@@ -459,8 +462,9 @@ def trial_values(df: pd.DataFrame, metric: str = "val_acc", at: At = "best") -> 
 
 def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
     """For each pair of values of each setting: the mean `metric` of each, and the difference (b - a) with
-    its 95% interval from an additive model of all the settings (see AdditiveModel). An interval that
-    spans 0 means the difference is within trial-to-trial noise; NaN bounds mean too few trials to tell."""
+    its 95% interval from an additive model of all the settings (see AdditiveModel): in a balanced grid the
+    difference of the two means, otherwise adjusted for the other settings. An interval that spans 0 means
+    the difference is within trial-to-trial noise; NaN bounds (and within_noise None) mean too few trials to tell."""
     settings = list(settings if settings is not None else context(df).swept)
     _check_columns(df, settings)
     trials = grouping_levels(trial_values(df, metric, at), settings)
@@ -474,7 +478,7 @@ def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str
                 "setting": name, "value_a": a, "value_b": b, "n_a": len(xa), "n_b": len(xb),
                 "mean_a": xa.mean(), "mean_b": xb.mean(), "difference": difference,
                 "low": difference - half_width, "high": difference + half_width,
-                "within_noise": bool(not abs(difference) > half_width),
+                "within_noise": None if math.isnan(half_width) else bool(abs(difference) <= half_width),
             })
     return pd.DataFrame(rows, columns=["setting", "value_a", "value_b", "n_a", "n_b", "mean_a", "mean_b", "difference", "low", "high", "within_noise"])
 
@@ -753,11 +757,13 @@ def findings(df: pd.DataFrame, effect_table: pd.DataFrame, importance_table: pd.
 def _effect_sentence(row: Any) -> str:
     a, b = _label(row.value_a), _label(row.value_b)
     means = f"{_percent(row.mean_b)} vs {_percent(row.mean_a)} mean val_acc, {row.n_b} and {row.n_a} trials"
+    # In an unbalanced sweep (optuna, ASHA, an interrupted grid) the model's difference is not that of the means.
+    adjusted = " with the other settings held equal" if not math.isclose(row.difference, row.mean_b - row.mean_a, abs_tol=1e-9) else ""
+    differ = f"{row.setting}: {b} vs {a} differ by {_points(row.difference)} points{adjusted} ({means})"
     if math.isnan(row.low):
-        return f"{row.setting}: {b} vs {a} differ by {_points(row.difference)} points ({means}); too few trials to tell noise from effect."
+        return f"{differ}; too few trials to tell noise from effect."
     verdict = "within noise" if row.within_noise else "larger than the trial-to-trial noise"
-    return (f"{row.setting}: {b} vs {a} differ by {_points(row.difference)} points ({means}), {verdict} "
-            f"(95% interval {_points(row.low)} to {_points(row.high)}).")
+    return f"{differ}, {verdict} (95% interval {_points(row.low)} to {_points(row.high)})."
 
 
 def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect_table: pd.DataFrame,
@@ -767,7 +773,7 @@ def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect
     counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
     meta = ctx.metadata
     lines = [
-        f"# Analysis of {meta.get('space') or Path(ctx.experiment).name}",
+        f"# Analysis of {Path(ctx.experiment).name}",
         "",
         f"Experiment: `{ctx.experiment}`. {df['trial_id'].nunique()} trials: {counts}."
         + (f" Search: {meta['search']}." if "search" in meta else "")
@@ -832,6 +838,8 @@ def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs
         _check_settings(df, settings)
         snapshot_epochs(df, at_epochs)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("summary_*.csv"), *folder.glob("by_*.png")]:  # an earlier analysis's groupings, --by another
+        stale.unlink()
     df.to_csv(folder / "results.csv", index=False)
     df.to_parquet(folder / "results.parquet", index=False)
     if df.empty:

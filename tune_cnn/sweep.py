@@ -307,7 +307,8 @@ class Experiment:
         stored = self.read_metadata() or {}
         for key in ("space_yaml", "data", "subset", "sweep_seed", "fixed"):
             if stored.get(key) != metadata[key]:
-                raise ConfigError(f"experiment {self.path} was started with another {key}; resume it with the same space and options")
+                raise ConfigError(f"experiment {self.path} was started otherwise ({_change(key, stored.get(key), metadata[key])}); "
+                                  f"resume it with the same space and options")
 
 
 def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
@@ -320,6 +321,7 @@ def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
         "metric": space.metric,
         "mode": space.mode,
         "swept": space.swept,
+        "sampled": [name for name, values in space.space.items() if isinstance(values, Distribution)],
         "fixed": json.loads(json.dumps(space.fixed)),
         "checkpoint_epochs": space.checkpoint_epochs,
         "epochs": space.epochs,
@@ -327,6 +329,17 @@ def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
         "subset": space.subset,
         "sweep_seed": space.seed,
     }
+
+
+def _change(key: str, was: Any, now: Any) -> str:
+    """What differs between a stored metadata value and this run's, in the words of the options that set it."""
+    if key == "space_yaml":
+        return "its search space file has changed"
+    if key == "fixed":
+        changed = sorted(set(was or {}) | set(now), key=str)
+        return ", ".join(f"{k} {(was or {}).get(k)!r}, now {now.get(k)!r}" for k in changed if (was or {}).get(k) != now.get(k))
+    option = {"data": "--data", "subset": "subset", "sweep_seed": "seed"}[key]
+    return f"{option} {was!r}, now {now!r}"
 
 
 # --- Ray ---------------------------------------------------------------------------------------------------
