@@ -95,6 +95,11 @@ def empty_folder(tmp: Path) -> str:
     return str(tmp / "empty")
 
 
+def one_training_image(tmp: Path) -> str:
+    """One class of two training images: the validation split holds out one, and one is left to train on."""
+    return str(make_image_folder(tmp / "single", classes=("cat",), per_class={"train": 2, "test": 1}))
+
+
 def garbage_archive(tmp: Path) -> str:
     (tmp / "data.tar.gz").write_bytes(b"garbage")
     return str(tmp / "data.tar.gz")
@@ -160,11 +165,12 @@ CASES: dict[str, Case] = {
     "archive member with an absolute path": ("train", lambda t, i: ["--data", evil_tar(t, "/tmp/escaped.txt")], "unsafe path '/tmp/escaped.txt'"),
     "archive member that links outside": ("train", lambda t, i: ["--data", evil_tar(t, "train", link=True)], "holds a link (train)"),
     "subset larger than the data": ("train", lambda t, i: ["--data", str(i), "--subset", "999"], "subset 999 is out of range"),
-    "batch norm on a one-image subset": (
-        "train", lambda t, i: ["--data", str(i), "--subset", "1", "--set", "batch_norm=true"], "batch_norm needs 2 or more training images",
+    "subset smaller than the classes": ("train", lambda t, i: ["--data", str(i), "--subset", "2"], "use 3 (one image of each class)"),
+    "batch norm on a one-image training split": (
+        "train", lambda t, i: ["--data", one_training_image(t), "--set", "batch_norm=true"], "batch_norm needs 2 or more training images",
     ),
-    "a sweep's batch norm on a one-image subset": (
-        "sweep", lambda t, i: [space_file(t, "fixed: {epochs: 1}\nsubset: 1\nspace: {batch_norm: [false, true]}\n"), "--data", str(i)],
+    "a sweep's batch norm on a one-image training split": (
+        "sweep", lambda t, i: [space_file(t, "fixed: {epochs: 1}\nspace: {batch_norm: [false, true]}\n"), "--data", one_training_image(t)],
         "batch_norm=True: batch_norm needs 2 or more training images",
     ),
     # Training settings
@@ -173,12 +179,14 @@ CASES: dict[str, Case] = {
     "--set with a value that is not YAML": ("train", lambda t, i: ["--data", str(i), "--set", "pooling=["], "'[' is not a value"),
     "unknown device": ("train", lambda t, i: ["--data", str(i), "--set", "device=gpu"], "device 'gpu' is unknown"),
     "--set without a value": ("train", lambda t, i: ["--data", str(i), "--set", "epochs"], "write NAME=VALUE"),
+    "--set with nothing after it": ("train", lambda t, i: ["--data", str(i), "--set"], "argument --set: expected at least one argument"),
     "resume from a missing checkpoint": ("train", lambda t, i: ["--data", str(i), "--resume", str(t / "nowhere")], "checkpoint"),
     "checkpoint that would run code": ("train", lambda t, i: ["--data", str(i), "--resume", evil_checkpoint(t)], "checkpoint"),
     # Experiments and clusters
     "--resume of an experiment that does not exist": (
         "sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(i), "--resume"], "no experiment to resume",
     ),
+    "empty experiment name": ("sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(i), "--name", ""], "--name '' is not a folder name"),
     "experiment name that leaves the storage folder": (
         "sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(i), "--name", "../escaped"], "--name",
     ),

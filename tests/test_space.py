@@ -136,6 +136,7 @@ BAD_SPACES = {
     "sweep seed too large": ("seed: 4294967296\n", r"seed: 4294967296 is not allowed; use an integer >= 0 and <= 4294967295"),
     "cuda without a GPU per trial": ("fixed: {device: cuda}\n", r"resources\.gpu: device cuda needs a GPU per trial"),
     "swept cuda without a GPU per trial": ("space: {device: [cpu, 'cuda:0']}\n", r"resources\.gpu: device cuda needs a GPU per trial"),
+    "a value listed twice": ("space: {lr: [0.001, 1e-3]}\n", r"space\.lr: lists 0\.001 twice; list each value once"),
     "a GPU index a trial cannot see": (
         "resources: {gpu: 0.5}\nfixed: {device: 'cuda:1'}\n", r"fixed\.device: 'cuda:1': a trial sees only the 1 GPU\(s\) Ray gives it, as cuda:0 to cuda:0",
     ),
@@ -173,6 +174,11 @@ def test_a_binary_file_is_not_a_space(tmp_path: Path):
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match=r"weights\.yaml: not a text file; a search space is a YAML file"):
         load_space(path)
+
+
+def test_a_folder_is_not_a_space(tmp_path: Path):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))} is a folder; give a search space YAML file, or one of: .*seed"):
+        load_space(tmp_path)
 
 
 def test_unknown_space_name_lists_the_shipped_ones():

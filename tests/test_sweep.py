@@ -143,9 +143,9 @@ def test_dry_run_of_an_optuna_space_shows_its_distributions(images: Path, capsys
         (["nope"], "search space 'nope' not found"),
         (["BAD"], "space.dropout: dropout 1.5 is out of range"),
         (["WIDE"], "conv_width=7: conv_width 7 with valid padding shrinks a 20x20 image"),
-        (["quick", "--samples", "3"], "samples: applies to optuna search only"),
-        (["quick", "--gpus-per-trial", "-1"], "resources.gpu: -1.0 is not allowed"),
-        (["quick", "--epochs", "0"], "fixed.epochs: epochs 0 is out of range"),
+        (["quick", "--samples", "3"], "samples (set on the command line): applies to optuna search only"),
+        (["quick", "--gpus-per-trial", "-1"], "resources.gpu (set on the command line): -1.0 is not allowed"),
+        (["quick", "--epochs", "0"], "fixed.epochs (set on the command line): epochs 0 is out of range"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args, message):
@@ -159,6 +159,15 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(images: Path, tmp_path:
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not storage.exists()
+
+
+def test_storage_under_a_file_is_one_line(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["quick", "--data", str(images), "--subset", "30", "--storage", str(tmp_path / "notes.txt" / "results")])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        f"error: --storage {tmp_path / 'notes.txt' / 'results'}: {tmp_path / 'notes.txt'} is a file; "
+        f"pass a folder for the experiments (it is made if missing)\n")
 
 
 def test_an_existing_experiment_needs_resume_or_another_name(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -194,7 +203,7 @@ def test_optuna_with_asha_stops_weak_trials_early(ray_session, images: Path, tmp
                        "--max-concurrent", "1", "--tensorboard"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "notice: the Ray cluster has no GPU; running the trials on CPUs only (the space asks for gpu 0.5)" in out
+    assert "notice: the Ray cluster has no GPU; running the trials on CPUs only (gpu 0.5 per trial was asked for)" in out
     results = trial_results(storage / "space")
     assert len(results) == 8
     configs = [tuple(h[-1]["config"][k] for k in ("pooling", "lr", "dropout", "dense_units")) for h in results.values()]

@@ -96,7 +96,7 @@ def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_fold
     assert all(torch.equal(resumed["model"][name], weights) for name, weights in uninterrupted["model"].items())
     with pytest.raises(ConfigError, match=r"^the checkpoint trained on the split with seed 5 and subset 20, this data has seed 0 and subset None"):
         train(config, load_data(image_folder), quiet(tmp_path / "other"), resume=load_checkpoint(tmp_path / "trial" / "epoch_001"))
-    for per_class, message in ((10, "subset 20 is out of range; use 1 to 18 training images (resuming a checkpoint that trained on "
+    for per_class, message in ((10, "subset 20 is out of range; use 2 (one image of each class) to 18 training images (resuming a checkpoint that trained on "
                                      "3x20x20 images of 3 classes, subset 20: pass the --data it trained on)"),
                                (15, "the checkpoint trained on 3x20x20 images of 3 classes, this data has 3x20x20 images of 2 classes; "
                                     "resume on the data it trained on")):

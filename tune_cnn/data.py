@@ -115,8 +115,9 @@ def load_data(
     else:
         train, val = raw.train, raw.val
     if subset is not None:
-        if not 0 < subset <= len(train):
-            raise DataError(f"subset {subset} is out of range; use 1 to {len(train)} training images")
+        classes = len(np.unique(train.y))
+        if not classes <= subset <= len(train):
+            raise DataError(f"subset {subset} is out of range; use {classes} (one image of each class) to {len(train)} training images")
         train = train.take(stratified_subset(train.y, subset, seed))
     mean, std = channel_statistics(train.x)
     return DataSplits(train, val, raw.test, raw.classes, mean, std, source, seed, subset)

@@ -163,6 +163,8 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a search space YAML file, or one of: {', '.join(space_names())}")
     shipped = SPACES_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
@@ -179,12 +181,15 @@ def load_space(name_or_path: str | Path, overrides: Mapping[str, Any] | None = N
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; a search space is a YAML file such as search_spaces/seed.yaml") from None
     raw = parse_yaml(path, text)
+    overridden = set()
     for key, value in (overrides or {}).items():
         if key not in ("fixed", "resources"):
             raw[key] = value
+            overridden.add(key)
         elif isinstance(raw.get(key) or {}, Mapping):  # otherwise the file's own error is reported
             raw[key] = {**(raw.get(key) or {}), **value}
-    return build_space(path, text, raw)
+            overridden.update(f"{key}.{name}" for name in value)
+    return build_space(path, text, raw, overridden)
 
 
 def parse_yaml(path: Path, text: str) -> dict[str, Any]:
@@ -202,9 +207,10 @@ def parse_yaml(path: Path, text: str) -> dict[str, Any]:
     return raw
 
 
-def build_space(path: Path, text: str, raw: Mapping[str, Any]) -> SearchSpace:
-    """Check every key of a parsed space and return it typed; the first problem is a one-line ConfigError."""
-    fail = _Failer(path)
+def build_space(path: Path, text: str, raw: Mapping[str, Any], overridden: set[str] | None = None) -> SearchSpace:
+    """Check every key of a parsed space and return it typed; the first problem is a one-line ConfigError,
+    which names the file and the key, and says where the command line set that key (`overridden`)."""
+    fail = _Failer(path, overridden or set())
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         fail(unknown[0], f"unknown key; allowed keys: {', '.join(TOP_KEYS)}")
@@ -226,11 +232,12 @@ def build_space(path: Path, text: str, raw: Mapping[str, Any]) -> SearchSpace:
 
 
 class _Failer:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, overridden: set[str]):
+        self.path, self.overridden = path, overridden
 
     def __call__(self, key: str, message: str) -> None:
-        raise ConfigError(f"{self.path}: {key}: {message}")
+        source = " (set on the command line)" if key in self.overridden else ""
+        raise ConfigError(f"{self.path}: {key}{source}: {message}")
 
 
 def _choice(fail: _Failer, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], default: str, label: str = "") -> Any:
@@ -321,6 +328,9 @@ def _space(fail: _Failer, raw: Any, fixed: Mapping[str, Any], search: str) -> di
             fail(key, "is both fixed and swept; keep it in one of `fixed` and `space`")
         values = _values(fail, key, name, value, search)
         typed = [_typed(fail, key, {**fixed, name: probe})[name] for probe in _candidate_values(values)]
+        twice = next((v for i, v in enumerate(typed) if v in typed[:i]), None) if not isinstance(values, Distribution) else None
+        if twice is not None:
+            fail(key, f"lists {twice!r} twice; list each value once (sweep `seed: [0, 1, 2]` to repeat trials)")
         space[name] = values if isinstance(values, Distribution) else tuple(typed)
     return space
 

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_trials(space, data))
         return 0
-    experiment = Experiment(args.storage, args.name or space.name)
+    experiment = Experiment(args.storage, space.name if args.name is None else args.name)
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
     print(data.describe(), flush=True)
@@ -228,6 +228,10 @@ class Experiment:
             raise ConfigError(f"--name '{name}' is not a folder name; name the experiment only and choose its place with --storage")
         self.is_uri = "://" in storage
         self.storage = storage.rstrip("/") if self.is_uri else str(Path(storage).expanduser().resolve())
+        if not self.is_uri:
+            nearest = next(p for p in (Path(self.storage), *Path(self.storage).parents) if p.exists())
+            if not nearest.is_dir():
+                raise ConfigError(f"--storage {storage}: {nearest} is a file; pass a folder for the experiments (it is made if missing)")
         self.name = name
         self.path = f"{self.storage}/{name}"
 
@@ -447,7 +451,7 @@ def trial_resources(space: SearchSpace) -> dict[str, float]:
     if requested and not gpu and space.asks_for_cuda:
         raise ConfigError("the space sets device cuda and the Ray cluster has no GPU; set device auto to run the trials on CPUs")
     if requested and not gpu:
-        print(f"notice: the Ray cluster has no GPU; running the trials on CPUs only (the space asks for gpu {requested})")
+        print(f"notice: the Ray cluster has no GPU; running the trials on CPUs only (gpu {requested} per trial was asked for)")
     resources = {"cpu": space.resources.cpu, "gpu": gpu}
     check_a_node_fits(resources)
     return resources
@@ -509,8 +513,10 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, res
         scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     search_alg = None
     if space.search == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on stderr
         search_alg = OptunaSearch(seed=space.seed)
     reporter = CLIReporter(
         parameter_columns=space.swept, metric_columns=list(PROGRESS_METRICS), max_report_frequency=10, sort_by_metric=True,
@@ -620,7 +626,7 @@ def print_best(results, space: SearchSpace) -> None:
     best = frame.sort_values(space.metric, ascending=space.mode == "min").head(BEST_ROWS)[columns]
     best.columns = [c.removeprefix("config/") for c in columns]
     print(f"best trials by {space.metric} ({space.mode}, best epoch of each):")
-    print(best.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(best.to_string(index=False, float_format=lambda v: f"{v:.4g}"))  # lr 1.2e-4 stays readable
 
 
 def print_analysis(experiment: Experiment, plotters: Executor | None = None) -> None:

@@ -536,7 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoints", type=Path, default=None, help="keep checkpoints in this folder")
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue from this checkpoint folder, with its settings (--set may change epochs, lr, ...)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help=f"settings, e.g. --set epochs=10 pooling=avg batch_norm=true; names: {', '.join(SETTINGS)}")
     return parser.parse_args(argv)
 
