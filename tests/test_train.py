@@ -70,6 +70,10 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split()[1] for line in lines] == ["1", "2"]
     assert lines[0].endswith(f"[checkpoint {tmp_path / 'run' / 'epoch_001'}]")
+    with pytest.raises(SystemExit):  # a fresh run into the same folder would mix the two runs' checkpoints
+        train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "run")])
+    assert capsys.readouterr().err == (f"error: checkpoints folder {tmp_path / 'run'} holds another run's checkpoints "
+                                       f"(epoch_001, epoch_002); pass a new folder, or --resume one of them\n")
     train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "resumed"), "--resume", str(tmp_path / "run" / "epoch_001")])
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")] == ["2"]
     resumed = load_checkpoint(tmp_path / "resumed" / "epoch_002")["config"]

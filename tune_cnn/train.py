@@ -123,6 +123,14 @@ def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
                           f"(train --resume does, unless --subset says otherwise)")
 
 
+def check_no_other_run(folder: Path) -> None:
+    """A fresh run would mix its checkpoints with (and overwrite) those of another run already in `folder`."""
+    earlier = sorted(p.name for p in Path(folder).glob("epoch_*"))
+    if earlier:
+        raise ConfigError(f"checkpoints folder {folder} holds another run's checkpoints ({', '.join(earlier[:3])}"
+                          f"{', ...' if len(earlier) > 3 else ''}); pass a new folder, or --resume one of them")
+
+
 def check_epochs_left(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
     """A ConfigError where the command line asks to resume a run that has no epochs left. (Not in train(): a
     sweep's trial killed after its last checkpoint is restored from it, and then rightly trains nothing.)"""
@@ -568,6 +576,8 @@ def main(argv: list[str] | None = None) -> None:
         check_resumable(config, resume)
         check_epochs_left(config, resume)
     reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
+    if args.checkpoints and not resume:
+        check_no_other_run(args.checkpoints)
     try:
         data = load_data(args.data, subset=split["subset"] if args.subset is None else args.subset, seed=split["seed"])
     except DataError as error:
