@@ -106,8 +106,12 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
     trials = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("trial ")]
     expected = [f"pooling={p}, conv_width={w}" for p, w in ((t["pooling"], t["conv_width"]) for t in load_space("seed").grid_trials())]
     assert trials == expected and len(trials) == 6
-    assert "epochs=3" in out and "resources per trial: cpu 1, gpu auto" in out
+    assert "epochs=3" in out and "resources per trial: cpu 1, gpu auto" in out and "notice" not in out
     assert not storage.exists()
+    (storage / "seed").mkdir(parents=True)
+    assert sweep.main(["seed", "--data", str(images), "--storage", str(storage), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"notice: experiment {storage / 'seed'} already exists; "
+                                                        f"the run needs --resume to continue it, or another --name")
 
 
 @pytest.mark.parametrize("storage, words", [

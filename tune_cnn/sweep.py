@@ -164,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     space.check_models(data.shape, len(data.train))
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
+    experiment = Experiment(args.storage, space.name if args.name is None else args.name)
     if args.dry_run:
         print(describe_trials(space, data))
+        if not args.resume and experiment.exists():
+            print(f"notice: experiment {experiment.path} already exists; the run needs --resume to continue it, or another --name")
         return 0
-    experiment = Experiment(args.storage, space.name if args.name is None else args.name)
     metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
     print(data.describe(), flush=True)
