@@ -109,6 +109,7 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_leaves_an_interrupted_sweep
     assert code == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert "2 trial(s) did not finish; rerun the same command with --resume to continue" in output
+    assert "Tuner.restore" not in output and "Token authentication" not in output  # not Ray's advice for Python, nor its notice
     df = analysis.load(experiment)
     # One trial was interrupted; with one trial at a time, Ray had not yet created the other.
     assert list(df.attrs["incomplete"].values()) == ["running"]

@@ -366,6 +366,17 @@ def ray_session(address: str | None):
             ray.shutdown()
 
 
+def not_the_token_auth_notice(record: logging.LogRecord) -> bool:
+    """Ray's notice that a local session uses its default, token authentication, is no news to a sweep's user and
+    would come before a one-line error; its warning where authentication is off still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def not_tunes_restore_advice(record: logging.LogRecord) -> bool:
+    """Tune's advice after Ctrl-C is Python (Tuner.restore); report_results gives the command's: --resume."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
+
+
 def connect_ray(address: str | None) -> bool:
     """Start Ray locally, or join the cluster at `address`; True when this call started the session."""
     import ray
@@ -376,10 +387,7 @@ def connect_ray(address: str | None) -> bool:
         check_cluster_answers(address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # Ray's notice that a local session uses its default, token authentication, is no news to a sweep's user and
-        # would come before a one-line error; its warning where authentication is off still shows.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(not_the_token_auth_notice)
         # No dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own).
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     return True
@@ -571,6 +579,7 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, meta
     # After Ctrl-C, trials that never started have no results; Ray warns about each, with a FileNotFoundError,
     # every time the results are read. report_results says which trials did not finish and how to resume.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.tune").addFilter(not_tunes_restore_advice)
     resources = trial_resources(space)
     warn_if_storage_is_not_shared(experiment)
     if args.resume:
