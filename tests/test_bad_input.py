@@ -124,7 +124,7 @@ CASES: dict[str, Case] = {
     "dropout 1.5": ("sweep", lambda t, i: [space_file(t, "space: {dropout: [0.0, 1.5]}\n"), "--data", str(i)], "dropout 1.5 is out of range"),
     "lr 0": ("sweep", lambda t, i: [space_file(t, "fixed: {lr: 0}\nspace: {pooling: [max]}\n"), "--data", str(i)], "fixed.lr"),
     "epochs 0": ("sweep", lambda t, i: ["quick", "--epochs", "0", "--data", str(i)], "epochs 0 is out of range"),
-    "gpu -1": ("sweep", lambda t, i: ["quick", "--gpus-per-trial", "-1", "--data", str(i)], "resources.gpu: -1.0 is not allowed"),
+    "gpu -1": ("sweep", lambda t, i: ["quick", "--gpus-per-trial", "-1", "--data", str(i)], "resources.gpu (set on the command line): -1.0 is not allowed"),
     "distribution in grid mode": (
         "sweep", lambda t, i: [space_file(t, "space: {lr: {loguniform: [0.0001, 0.01]}}\n"), "--data", str(i)],
         "distributions are for optuna search",
@@ -137,7 +137,7 @@ CASES: dict[str, Case] = {
         "sweep", lambda t, i: [space_file(t, "space: {conv_width: [3, 9]}\n"), "--data", str(i)], "conv_width 9 with valid padding",
     ),
     "unknown space name": ("sweep", lambda t, i: ["nope", "--data", str(i)], "search space 'nope' not found"),
-    "cpus per trial 0": ("sweep", lambda t, i: ["quick", "--cpus-per-trial", "0", "--data", str(i)], "resources.cpu: 0.0 is not allowed"),
+    "cpus per trial 0": ("sweep", lambda t, i: ["quick", "--cpus-per-trial", "0", "--data", str(i)], "resources.cpu (set on the command line): 0.0 is not allowed"),
     # Data
     "data path that does not exist": ("sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(t / "nowhere")], "does not exist"),
     "empty data folder": ("train", lambda t, i: ["--data", empty_folder(t)], "is empty"),
