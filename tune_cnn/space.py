@@ -302,7 +302,8 @@ def _scheduler(fail: _Failer, raw: Any, epochs: int) -> Scheduler:
     max_t = _integer(fail, "scheduler.max_t", given.get("max_t", epochs), minimum=1)
     grace = _integer(fail, "scheduler.grace_period", given.get("grace_period", 1), minimum=1)
     if grace > max_t:
-        fail("scheduler.grace_period", f"{grace} is more than max_t {max_t}; use 1 to {max_t} epochs")
+        fail("scheduler.grace_period", f"{grace} is more than max_t {max_t} (the trials' epochs unless set); "
+                                       f"use a grace_period of 1 to {max_t}, or more epochs (--epochs {grace} or more)")
     if max_t < epochs:
         fail("scheduler.max_t", f"{max_t} is less than epochs {epochs}: ASHA would stop every trial at epoch {max_t}; "
                                 f"use max_t >= {epochs} (the default) or fewer epochs")
