@@ -5,6 +5,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -24,6 +25,18 @@ class DataError(TuneCnnError):
 
 class StorageError(TuneCnnError):
     """The experiment's storage cannot be written (permissions, a full disk, a bucket without access)."""
+
+
+def nearest_existing(path: Path) -> Path:
+    """The path itself or its nearest parent that exists: what decides whether a folder can be made there."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def check_folder_can_be_made(folder: Path, label: str, fix: str) -> None:
+    """A ConfigError, before any work, where a file stands at `folder` or at one of its parents."""
+    nearest = nearest_existing(folder)
+    if not nearest.is_dir():
+        raise ConfigError(f"{label}: {nearest} is a file; {fix}")
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -329,10 +329,13 @@ def _space(fail: _Failer, raw: Any, fixed: Mapping[str, Any], search: str) -> di
             fail(key, "is both fixed and swept; keep it in one of `fixed` and `space`")
         values = _values(fail, key, name, value, search)
         typed = [_typed(fail, key, {**fixed, name: probe})[name] for probe in _candidate_values(values)]
-        twice = next((v for i, v in enumerate(typed) if v in typed[:i]), None) if not isinstance(values, Distribution) else None
-        if twice is not None:
-            fail(key, f"lists {twice!r} twice; list each value once (sweep `seed: [0, 1, 2]` to repeat trials)")
-        space[name] = values if isinstance(values, Distribution) else tuple(typed)
+        if isinstance(values, Distribution):
+            space[name] = values
+            continue
+        twice = [v for i, v in enumerate(typed) if v in typed[:i]]
+        if twice:
+            fail(key, f"lists {twice[0]!r} twice; list each value once (sweep `seed: [0, 1, 2]` to repeat trials)")
+        space[name] = tuple(typed)
     return space
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
 from tune_cnn.data import DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, check_folder_can_be_made, exit_on_user_error
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 
 PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
@@ -231,9 +231,7 @@ class Experiment:
         self.is_uri = "://" in storage
         self.storage = storage.rstrip("/") if self.is_uri else str(Path(storage).expanduser().resolve())
         if not self.is_uri:
-            nearest = next(p for p in (Path(self.storage), *Path(self.storage).parents) if p.exists())
-            if not nearest.is_dir():
-                raise ConfigError(f"--storage {storage}: {nearest} is a file; pass a folder for the experiments (it is made if missing)")
+            check_folder_can_be_made(Path(self.storage), f"--storage {storage}", "pass a folder for the experiments (it is made if missing)")
         self.name = name
         self.path = f"{self.storage}/{name}"
 
@@ -342,8 +340,9 @@ def _change(key: str, was: Any, now: Any) -> str:
     if key == "space_yaml":
         return "its search space file has changed"
     if key == "fixed":
-        changed = sorted(set(was or {}) | set(now), key=str)
-        return ", ".join(f"{k} {(was or {}).get(k)!r}, now {now.get(k)!r}" for k in changed if (was or {}).get(k) != now.get(k))
+        was = was or {}
+        changed = [k for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k)]
+        return ", ".join(f"{k} {was.get(k)!r}, now {now.get(k)!r}" for k in changed)
     option = {"data": "--data", "subset": "subset", "sweep_seed": "seed"}[key]
     return f"{option} {was!r}, now {now!r}"
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, DataError, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error
 from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
@@ -63,9 +63,7 @@ class LocalCheckpoints:
 
     def __init__(self, folder: Path, echo: bool = True):
         self.folder = Path(folder)
-        nearest = next(path for path in (self.folder, *self.folder.parents) if path.exists())
-        if not nearest.is_dir():
-            raise ConfigError(f"checkpoints folder {self.folder}: {nearest} is a file; pass a folder (it is made if missing)")
+        check_folder_can_be_made(self.folder, f"checkpoints folder {self.folder}", "pass a folder (it is made if missing)")
         self.echo = echo
         self.history: list[Metrics] = []
 
@@ -84,7 +82,8 @@ class LocalCheckpoints:
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     """Read a checkpoint folder (or its checkpoint file); weights_only=True means a checkpoint file cannot run code."""
-    path = Path(folder) if Path(folder).name == CHECKPOINT_FILE else Path(folder) / CHECKPOINT_FILE
+    path = Path(folder)
+    path = path if path.name == CHECKPOINT_FILE else path / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found; pass a checkpoint folder such as checkpoints/epoch_010")
     try:
