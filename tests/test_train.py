@@ -38,7 +38,7 @@ def test_checkpoints_load_with_weights_only(small_data, tmp_path):
     train(TrainConfig.from_flat({"epochs": 1}), small_data, quiet(tmp_path))
     state = torch.load(tmp_path / "epoch_001" / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 1 and {"model", "optimizer", "rng", "config"} <= set(state)
-    assert state["data"] == {"seed": 0, "subset": None, "shape": [3, 20, 20, 4]}
+    assert state["data"] == {"seed": 0, "subset": None, "shape": [3, 20, 20, 4], "images": small_data.fingerprint}
     assert load_checkpoint(tmp_path / "epoch_001" / CHECKPOINT_FILE)["epoch"] == 1  # the file itself, as well as its folder
 
 
@@ -95,7 +95,7 @@ def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_fold
     train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "resumed"), "--resume", str(tmp_path / "trial" / "epoch_001")])
     assert "20 train" in capsys.readouterr().out
     resumed = torch.load(tmp_path / "resumed" / "epoch_002" / CHECKPOINT_FILE, weights_only=True)
-    assert resumed["data"] == {"seed": 5, "subset": 20, "shape": [3, 20, 20, 3]}
+    assert resumed["data"] == {"seed": 5, "subset": 20, "shape": [3, 20, 20, 3], "images": data.fingerprint}
     uninterrupted = torch.load(tmp_path / "trial" / "epoch_002" / CHECKPOINT_FILE, weights_only=True)
     assert all(torch.equal(resumed["model"][name], weights) for name, weights in uninterrupted["model"].items())
     with pytest.raises(ConfigError, match=r"^the checkpoint trained on the split with seed 5 and subset 20, this data has seed 0 and subset None"):
@@ -108,6 +108,19 @@ def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_fold
         with pytest.raises(SystemExit) as stop:
             train_main(["--data", str(two_classes), "--resume", str(tmp_path / "trial" / "epoch_001")])
         assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_checkpoint_resumes_only_on_its_own_images(small_data, tmp_path):
+    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50})
+    train(config, small_data, quiet(tmp_path))
+    checkpoint = load_checkpoint(tmp_path / "epoch_002")
+    same_shape = synthetic_splits(seed=1)  # small_data's shape and split, other images
+    assert same_shape.shape == small_data.shape and same_shape.split == small_data.split
+    assert same_shape.fingerprint != small_data.fingerprint
+    assert synthetic_splits().fingerprint == small_data.fingerprint
+    with pytest.raises(ConfigError, match=r"^the checkpoint trained on other images than those of synthetic \(the same shape and split"):
+        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), same_shape, quiet(tmp_path / "other"), resume=checkpoint)
+    assert not (tmp_path / "other").exists()
 
 
 def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):

@@ -36,6 +36,7 @@ from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config", "data")
+CHECKPOINT_DATA_KEYS = ("seed", "subset", "shape", "images")  # checkpoint["data"]: what check_same_data compares
 # What a resumed run must share with its checkpoint: the weights' shapes and the optimizer's state depend on them.
 RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer")
 Metrics = dict[str, float]
@@ -92,10 +93,11 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):  # foreign, truncated or unsafe (code-running) files
         checkpoint = None
-    if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= set(checkpoint):
+    if not (isinstance(checkpoint, dict) and set(CHECKPOINT_KEYS) <= set(checkpoint)
+            and isinstance(checkpoint["data"], dict) and set(CHECKPOINT_DATA_KEYS) <= set(checkpoint["data"])):
         raise ConfigError(
-            f"checkpoint {path} is not a tune_cnn checkpoint (unreadable, without {', '.join(CHECKPOINT_KEYS)}, or holding "
-            f"objects a safe load refuses); pass a folder written by train or a sweep"
+            f"checkpoint {path} is not a tune_cnn checkpoint (unreadable, without {', '.join(CHECKPOINT_KEYS)} and the data's "
+            f"{', '.join(CHECKPOINT_DATA_KEYS)}, or holding objects a safe load refuses); pass a folder written by train or a sweep"
         )
     return checkpoint
 
@@ -112,7 +114,7 @@ def check_resumable(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
 def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
     """A ConfigError where `data` is not the checkpoint's: other images or classes, or another split of them."""
     saved = dict(checkpoint["data"])
-    shape = InputShape(*saved.pop("shape"))
+    shape, images = InputShape(*saved.pop("shape")), saved.pop("images")
     if shape != data.shape:
         raise ConfigError(f"the checkpoint trained on {shape.describe()}, this data has {data.shape.describe()}; "
                           f"resume on the data it trained on")
@@ -120,6 +122,9 @@ def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
         raise ConfigError(f"the checkpoint trained on the split with seed {saved['seed']} and subset {saved['subset']}, "
                           f"this data has seed {data.split_seed} and subset {data.subset}; load the data as the checkpoint's "
                           f"(train --resume does, unless --subset says otherwise)")
+    if images != data.fingerprint:
+        raise ConfigError(f"the checkpoint trained on other images than those of {data.source} (the same shape and split, but "
+                          f"other pixels, labels or class names); resume on the data it trained on")
 
 
 def check_no_other_run(folder: Path) -> None:
@@ -367,7 +372,7 @@ def train(
                 torch.save(
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "rng": _rng_state(shuffle, device), "config": config.flat(),
-                     "data": {**data.split, "shape": list(astuple(data.shape))}},
+                     "data": {**data.split, "shape": list(astuple(data.shape)), "images": data.fingerprint}},
                     Path(folder) / CHECKPOINT_FILE,
                 )
                 report(metrics, Path(folder))
