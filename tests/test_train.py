@@ -123,6 +123,29 @@ def test_a_checkpoint_resumes_only_on_its_own_images(small_data, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def as_if_trained_on_cuda(checkpoint: dict) -> dict:
+    """The random-number states a CUDA run saves: a CUDA generator's state is 16 bytes (seed and offset)."""
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    return {**checkpoint, "rng": {"torch": checkpoint["rng"]["torch"], "shuffle": cuda_state, "cuda": cuda_state}}
+
+
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_a_fresh_shuffle(small_data, image_folder, decode_cache, tmp_path, capsys):
+    config = TrainConfig.from_flat({"epochs": 3, "batch_size": 50, "checkpoint_every": 1, "dropout": 0.2})
+    straight = train(config, small_data, quiet(tmp_path / "run"))
+    checkpoint = as_if_trained_on_cuda(load_checkpoint(tmp_path / "run" / "epoch_001"))
+    resumed = [train(config, small_data, quiet(tmp_path / f"resumed{i}"), resume=checkpoint) for i in range(2)]
+    assert [m["epoch"] for m in resumed[0]] == [2, 3]
+    assert resumed[0][-1]["train_loss"] == resumed[1][-1]["train_loss"] != straight[-1]["train_loss"]  # another order, every rerun the same
+    assert resumed[0][-1]["val_acc"] > 0.9
+    train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "cli"), "--set", "epochs=1", "device=cpu"])
+    torch.save(as_if_trained_on_cuda(load_checkpoint(tmp_path / "cli" / "epoch_001")), tmp_path / "cli" / "epoch_001" / CHECKPOINT_FILE)
+    capsys.readouterr()
+    train_main(["--data", str(image_folder), "--resume", str(tmp_path / "cli" / "epoch_001"), "--set", "epochs=2"])
+    out = capsys.readouterr().out
+    assert ("note: the checkpoint trained on cuda and this run is on cpu: the shuffle starts afresh, so the epochs will not repeat "
+            "the original run's numbers exactly") in out and "epoch   2" in out
+
+
 def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for folder in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
@@ -268,6 +291,15 @@ def test_cuda_graph_resumes_from_a_checkpoint(small_data, tmp_path):
     assert [m["epoch"] for m in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2) and abs(a["val_acc"] - b["val_acc"]) <= 0.03
+
+
+@CUDA
+def test_a_checkpoint_from_the_cpu_resumes_on_a_gpu(small_data, tmp_path):
+    config = TrainConfig.from_flat({"epochs": 2, "checkpoint_every": 1, "batch_size": 64, "device": "cpu"})
+    train(config, small_data, quiet(tmp_path / "cpu"))
+    on_gpu = TrainConfig.from_flat({**config.flat(), "device": "cuda"})
+    resumed = train(on_gpu, small_data, quiet(tmp_path / "gpu"), resume=load_checkpoint(tmp_path / "cpu" / "epoch_001"))
+    assert [m["epoch"] for m in resumed] == [2] and resumed[0]["val_acc"] > 0.8
 
 
 def test_cli_bad_setting_is_one_line_and_exit_code_2():

@@ -151,10 +151,21 @@ def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict[str, torc
     return state
 
 
-def _restore_rng(state: dict[str, torch.Tensor], shuffle: torch.Generator, device: torch.device) -> None:
+def trained_on(checkpoint: Mapping[str, Any]) -> str:
+    """The kind of device ("cuda" or "cpu") a checkpoint trained on: its random-number states are that kind's."""
+    return "cuda" if "cuda" in checkpoint["rng"] else "cpu"
+
+
+def _restore_rng(checkpoint: Mapping[str, Any], shuffle: torch.Generator, device: torch.device, seed: int) -> None:
+    """The checkpoint's random-number states. A CUDA generator's state does not fit a CPU one (nor the reverse), so
+    on the other kind of device the shuffle is seeded afresh from the seed and the epoch, the same for every rerun."""
+    state = checkpoint["rng"]
     torch.set_rng_state(state["torch"])
+    if trained_on(checkpoint) != device.type:
+        shuffle.manual_seed(seed + int(checkpoint["epoch"]))
+        return
     shuffle.set_state(state["shuffle"])
-    if "cuda" in state and device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -352,7 +363,7 @@ def train(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        _restore_rng(resume["rng"], shuffle, device)
+        _restore_rng(resume, shuffle, device, config.seed)
         first_epoch = int(resume["epoch"]) + 1
     splits = {name: engine.put(getattr(data, name)) for name in ("train", "val", "test")}
     history = []
@@ -591,6 +602,9 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(f"{error} (resuming a checkpoint that trained on {shape.describe()}, subset {split['subset']}: "
                         f"pass the --data it trained on)") from None
     print(data.describe(), flush=True)
+    if resume and trained_on(resume) != resolve_device(config.device).type:
+        print(f"note: the checkpoint trained on {trained_on(resume)} and this run is on {resolve_device(config.device).type}: "
+              f"the shuffle starts afresh, so the epochs will not repeat the original run's numbers exactly", flush=True)
     train(config, data, reporter, resume)
 
 
