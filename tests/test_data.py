@@ -67,6 +67,9 @@ def test_subset_is_stratified():
     labels = np.repeat(np.arange(4), [100, 100, 50, 50])
     index = stratified_subset(labels, 60, seed=0)
     assert np.bincount(labels[index]).tolist() == [20, 20, 10, 10]
+    rare = np.array([0] * 8 + [1, 2])  # proportions alone would give class 0 all three places
+    assert np.bincount(labels[stratified_subset(labels, 4, seed=0)]).tolist() == [1, 1, 1, 1]
+    assert np.bincount(rare[stratified_subset(rare, 3, seed=0)]).tolist() == [1, 1, 1]
     held, kept = stratified_split(labels, 0.1, seed=0)
     assert np.bincount(labels[held]).tolist() == [10, 10, 5, 5]
     assert len(np.intersect1d(held, kept)) == 0 and len(held) + len(kept) == len(labels)

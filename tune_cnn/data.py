@@ -410,11 +410,13 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """`size` indices with every class in its original proportion (largest remainders get the rest)."""
+    """`size` indices (at least one per class): one image of every class, then the rest shared in the classes'
+    proportions of their other images (largest remainders get what rounding leaves)."""
     classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * size / counts.sum()
+    quota = (counts - 1) * (size - len(classes)) / (counts - 1).sum().clip(min=1)
     take = np.floor(quota).astype(int)
-    take[np.argsort(take - quota)[: size - take.sum()]] += 1
+    take[np.argsort(take - quota)[: size - len(classes) - take.sum()]] += 1
+    take += 1
     rng = np.random.default_rng(seed + 1)
     parts = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
     return np.sort(np.concatenate(parts))
