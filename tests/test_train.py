@@ -1,9 +1,11 @@
 import collections
+import dataclasses
 import subprocess
 import sys
 from contextlib import nullcontext
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -114,13 +116,18 @@ def test_a_checkpoint_resumes_only_on_its_own_images(small_data, tmp_path):
     config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50})
     train(config, small_data, quiet(tmp_path))
     checkpoint = load_checkpoint(tmp_path / "epoch_002")
-    same_shape = synthetic_splits(seed=1)  # small_data's shape and split, other images
-    assert same_shape.shape == small_data.shape and same_shape.split == small_data.split
-    assert same_shape.fingerprint != small_data.fingerprint
     assert synthetic_splits().fingerprint == small_data.fingerprint
+    renamed = dataclasses.replace(small_data, classes=("ant", "bee", "cat", "dog"))  # small_data's shape and split
+    reordered = dataclasses.replace(small_data, train=small_data.train.take(np.arange(len(small_data.train))[::-1]))
+    assert renamed.fingerprint != small_data.fingerprint != reordered.fingerprint
+    same_shape = synthetic_splits(seed=1)  # other pixels, the same names and labels: resumable (decoders may differ)
+    assert same_shape.fingerprint == small_data.fingerprint and same_shape.shape == small_data.shape
     with pytest.raises(ConfigError, match=r"^the checkpoint trained on other images than those of synthetic \(the same shape and split"):
-        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), same_shape, quiet(tmp_path / "other"), resume=checkpoint)
+        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), renamed, quiet(tmp_path / "other"), resume=checkpoint)
     assert not (tmp_path / "other").exists()
+    older = {**checkpoint, "data": {key: value for key, value in checkpoint["data"].items() if key != "images"}}
+    assert [m["epoch"] for m in train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "older"),
+                                      resume=older)] == [3]  # written before checkpoints had a fingerprint
 
 
 def as_if_trained_on_cuda(checkpoint: dict) -> dict:

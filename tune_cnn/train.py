@@ -36,7 +36,7 @@ from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config", "data")
-CHECKPOINT_DATA_KEYS = ("seed", "subset", "shape", "images")  # checkpoint["data"]: what check_same_data compares
+CHECKPOINT_DATA_KEYS = ("seed", "subset", "shape")  # checkpoint["data"]: what check_same_data compares (and "images")
 # What a resumed run must share with its checkpoint: the weights' shapes and the optimizer's state depend on them.
 RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer")
 Metrics = dict[str, float]
@@ -114,7 +114,7 @@ def check_resumable(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
 def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
     """A ConfigError where `data` is not the checkpoint's: other images or classes, or another split of them."""
     saved = dict(checkpoint["data"])
-    shape, images = InputShape(*saved.pop("shape")), saved.pop("images")
+    shape, images = InputShape(*saved.pop("shape")), saved.pop("images", None)  # checkpoints before 2026-11-27 lack "images"
     if shape != data.shape:
         raise ConfigError(f"the checkpoint trained on {shape.describe()}, this data has {data.shape.describe()}; "
                           f"resume on the data it trained on")
@@ -122,9 +122,9 @@ def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
         raise ConfigError(f"the checkpoint trained on the split with seed {saved['seed']} and subset {saved['subset']}, "
                           f"this data has seed {data.split_seed} and subset {data.subset}; load the data as the checkpoint's "
                           f"(train --resume does, unless --subset says otherwise)")
-    if images != data.fingerprint:
+    if images not in (None, data.fingerprint):
         raise ConfigError(f"the checkpoint trained on other images than those of {data.source} (the same shape and split, but "
-                          f"other pixels, labels or class names); resume on the data it trained on")
+                          f"other class names or labels); resume on the data it trained on")
 
 
 def check_no_other_run(folder: Path) -> None:
