@@ -30,7 +30,9 @@ def test_cluster_yaml_passes_rays_validation(cluster_config: dict):
     check(cluster_config)
     nodes = cluster_config["available_node_types"]
     head, workers = nodes[cluster_config["head_node_type"]], [n for name, n in nodes.items() if name != cluster_config["head_node_type"]]
-    assert not head["node_config"]["InstanceType"].startswith(("g", "p"))  # a CPU head
+    assert not head["node_config"]["InstanceType"].startswith(("g", "p")) and head["resources"] == {"CPU": 0}  # a CPU head, no trials
+    # A current DLAMI, not Ray's default (Ubuntu 18.04, Python 3.6), which the project cannot install on
+    assert all(n["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/") for n in nodes.values())
     assert [w["min_workers"] for w in workers] == [0] and workers[0]["max_workers"] >= 1
     assert workers[0]["node_config"]["InstanceType"] == "g5.2xlarge"  # one GPU per worker
     assert workers[0]["resources"] == {"CPU": 8, "GPU": 1}  # room for gpu: auto's eight trials of one CPU each
