@@ -63,6 +63,15 @@ def test_grayscale_jpeg_and_a_val_folder(tmp_path, cache):
     assert len(data.val) == 9 and len(data.train) == 30
 
 
+def test_grayscale_splits_beside_an_rgb_split_become_rgb(tmp_path, cache):
+    root = make_image_folder(tmp_path / "mixed", mode="L", splits=("train",))
+    make_image_folder(root, mode="RGB", splits=("test",))
+    data = load_data(root, cache_dir=cache)
+    assert data.shape.channels == 3 and len(data.mean) == 3
+    gray = np.asarray(Image.open(root / "train" / "cat" / "0000.png"))
+    assert any(all(np.array_equal(image[c], gray) for c in range(3)) for image in np.concatenate([data.train.x, data.val.x]))
+
+
 def test_subset_is_stratified():
     labels = np.repeat(np.arange(4), [100, 100, 50, 50])
     index = stratified_subset(labels, 60, seed=0)

@@ -216,7 +216,7 @@ def read_cifar_batches(folder: Path) -> RawData:
     train_files = sorted(folder.glob("data_batch_*"))
     missing = [name for name in ("test_batch", "batches.meta") if not (folder / name).exists()]
     if missing:
-        raise DataError(f"{folder} lacks {', '.join(missing)}; a cifar-10-batches-py folder needs data_batch_1..5, test_batch and batches.meta")
+        raise DataError(f"{folder} lacks {', '.join(missing)}; a cifar-10-batches-py folder needs data_batch_1 (CIFAR-10 has 1 to 5), test_batch and batches.meta")
     meta = _read_batch(folder / "batches.meta")
     classes = tuple(n.decode() if isinstance(n, bytes) else n for n in meta["label_names"])
     train = [_batch_arrays(_read_batch(p)) for p in train_files]
@@ -302,7 +302,7 @@ def read_image_folder_cached(root: Path, cache_dir: Path) -> RawData:
     cached.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cached) + ".lock"):
         if not cached.exists():
-            arrays = {split: decode_split(split_files, classes) for split, split_files in files.items()}
+            arrays = _same_channels({split: decode_split(split_files, classes) for split, split_files in files.items()})
             _check_same_size(arrays, files)
             partial = cached.with_suffix(".partial.npz")
             np.savez(partial, classes=np.array(classes), **{f"{s}_{k}": getattr(a, k) for s, a in arrays.items() for k in ("x", "y")})
@@ -369,6 +369,13 @@ def _decode_image(path: Path) -> Image.Image:
 def _to_chw(img: Image.Image, mode: str) -> np.ndarray:
     a = np.asarray(img if img.mode == mode else img.convert(mode))
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _same_channels(arrays: dict[str, Arrays]) -> dict[str, Arrays]:
+    """A split of grayscale images beside RGB splits becomes RGB, as a grayscale image among RGB ones in a split does."""
+    if {a.x.shape[1] for a in arrays.values()} != {1, 3}:
+        return arrays
+    return {split: Arrays(np.repeat(a.x, 3, axis=1), a.y) if a.x.shape[1] == 1 else a for split, a in arrays.items()}
 
 
 def _check_same_size(arrays: dict[str, Arrays], files: dict[str, dict[str, list[Path]]]) -> None:
