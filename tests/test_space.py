@@ -141,6 +141,10 @@ BAD_SPACES = {
         "resources: {gpu: 0.5}\nfixed: {device: 'cuda:1'}\n", r"fixed\.device: 'cuda:1': a trial sees only the 1 GPU\(s\) Ray gives it, as cuda:0 to cuda:0",
     ),
     "max_t short of the epochs": ("fixed: {epochs: 30}\nscheduler: {type: asha, max_t: 10}\n", r"scheduler\.max_t: 10 is less than epochs 30"),
+    "two swept settings that clash": (
+        "search: optuna\nspace: {batch_norm: [false, true], batch_size: {int: [1, 100]}}\n",
+        r"space\.batch_norm and space\.batch_size: batch_norm needs batch_size 2 or more",
+    ),
     "distribution out of range": ("search: optuna\nspace: {dropout: {uniform: [0.0, 1.5]}}\n", r"space\.dropout: dropout 1\.5 is out of range"),
     "unknown scheduler": ("scheduler: hyperband\n", r"scheduler: 'hyperband' is not allowed; use one of: fifo, asha"),
     "asha setting on fifo": ("scheduler: {type: fifo, grace_period: 2}\n", r"scheduler\.grace_period: applies to the asha scheduler only"),

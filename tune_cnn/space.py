@@ -401,7 +401,14 @@ def _candidate_values(values: Values) -> list[Any]:
 
 
 def _check_trials(fail: _Failer, space: SearchSpace) -> None:
-    """Every grid trial must make a valid config: settings can be valid alone and clash together."""
+    """Settings can be valid alone and clash together (batch_norm with batch_size 1): every grid trial must make a
+    valid config, and in an Optuna space every pair of swept settings, each at its values or its range's ends."""
     if space.search == "grid":
         for trial in space.grid_trials():
             _typed(fail, "space", trial)
+        return
+    ends = {name: list(dict.fromkeys(_candidate_values(values)[:2] + _candidate_values(values)[-2:])) for name, values in space.space.items()}
+    first = {name: values[0] for name, values in ends.items()}
+    for a, b in itertools.combinations(ends, 2):
+        for pair in itertools.product(ends[a], ends[b]):
+            _typed(fail, f"space.{a} and space.{b}", {**space.fixed, **first, **dict(zip((a, b), pair))})
