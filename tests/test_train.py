@@ -83,7 +83,12 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
     with pytest.raises(SystemExit) as stop:
         train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_001"), "--set", "conv_width=3"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err == "error: the checkpoint was trained with conv_width=1; resume with its model and optimizer settings (train --resume takes them from the checkpoint)\n"
+    assert capsys.readouterr().err == "error: the checkpoint was trained with conv_width=1; resume with its model, optimizer and seed (train --resume takes them from the checkpoint)\n"
+    for option, message in ((["--set", "seed=8"], "the checkpoint was trained with seed=7; resume with its model, optimizer and seed"),
+                            (["--subset", "10"], "--subset 10: a resumed run trains on its checkpoint's split (subset None); leave --subset out")):
+        with pytest.raises(SystemExit):
+            train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_001"), *option])
+        assert capsys.readouterr().err.startswith(f"error: {message}")
     with pytest.raises(SystemExit):
         train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_002")])
     assert capsys.readouterr().err.startswith("error: the checkpoint is at epoch 2 and epochs is 2, so nothing is left to train; set epochs above 2")

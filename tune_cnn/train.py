@@ -37,8 +37,9 @@ from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "config", "data")
 CHECKPOINT_DATA_KEYS = ("seed", "subset", "shape")  # checkpoint["data"]: what check_same_data compares (and "images")
-# What a resumed run must share with its checkpoint: the weights' shapes and the optimizer's state depend on them.
-RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer")
+# What a resumed run must share with its checkpoint: the weights' shapes and the optimizer's state depend on them,
+# and the seed's random-number states come from the checkpoint (another seed would change nothing).
+RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer", "seed")
 Metrics = dict[str, float]
 Reporter = Callable[[Metrics, "Path | None"], None]
 CPU_EVAL_BATCH = 256
@@ -107,8 +108,8 @@ def check_resumable(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
     saved, wanted = TrainConfig.from_flat(checkpoint["config"]).flat(), config.flat()
     changed = [f"{name}={saved[name]}" for name in RESUME_MUST_MATCH if saved[name] != wanted[name]]
     if changed:
-        raise ConfigError(f"the checkpoint was trained with {', '.join(changed)}; resume with its model and optimizer "
-                          f"settings (train --resume takes them from the checkpoint)")
+        raise ConfigError(f"the checkpoint was trained with {', '.join(changed)}; resume with its model, optimizer "
+                          f"and seed (train --resume takes them from the checkpoint)")
 
 
 def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
@@ -121,7 +122,7 @@ def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
     if saved != data.split:
         raise ConfigError(f"the checkpoint trained on the split with seed {saved['seed']} and subset {saved['subset']}, "
                           f"this data has seed {data.split_seed} and subset {data.subset}; load the data as the checkpoint's "
-                          f"(train --resume does, unless --subset says otherwise)")
+                          f"(train --resume does)")
     if images not in (None, data.fingerprint):
         raise ConfigError(f"the checkpoint trained on other images than those of {data.source} (the same shape and split, but "
                           f"other class names or labels); resume on the data it trained on")
@@ -586,7 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     # A resumed run keeps its checkpoint's settings and data split: a sweep's trial trains with its own seed on
     # the sweep's split.
     config = TrainConfig.from_flat({**(resume["config"] if resume else {}), **parse_settings(args.set)})
-    split = resume["data"] if resume else {"seed": config.seed, "subset": None}
+    split = resume["data"] if resume else {"seed": config.seed, "subset": args.subset}
+    if resume and args.subset not in (None, split["subset"]):
+        raise ConfigError(f"--subset {args.subset}: a resumed run trains on its checkpoint's split (subset {split['subset']}); "
+                          f"leave --subset out")
     if resume:
         check_resumable(config, resume)
         check_epochs_left(config, resume)
@@ -594,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoints and not resume:
         check_no_other_run(args.checkpoints)
     try:
-        data = load_data(args.data, subset=split["subset"] if args.subset is None else args.subset, seed=split["seed"])
+        data = load_data(args.data, subset=split["subset"], seed=split["seed"])
     except DataError as error:
         if not resume:
             raise
