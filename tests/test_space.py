@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,22 @@ def test_shipped_spaces_are_all_there_and_valid_on_cifar():
     assert {"seed", "regularization", "optuna", "quick"} <= set(space_names())
     for name in space_names():
         load_space(name).check_models(CIFAR_SHAPE, 45000)
+
+
+def test_a_wheel_ships_the_spaces_where_space_py_looks_for_them(tmp_path: Path):
+    """A non-editable install has no search_spaces/ beside the package: pyproject's data-files put them under the
+    environment's data path, share/tune_cnn/search_spaces."""
+    pytest.importorskip("setuptools")
+    root = SPACES_DIR.parent
+    for part in ("tune_cnn", "search_spaces"):  # a copy, so that the build leaves nothing in the checkout
+        shutil.copytree(root / part, tmp_path / "src" / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(root / part, tmp_path / "src" / part)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(tmp_path / "src")], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tune_cnn-*.whl")
+    shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/tune_cnn/search_spaces/" in n}
+    assert shipped == {f"{name}.yaml" for name in space_names()} | {"README.md"}
 
 
 def test_seed_space_is_the_seeds_experiment():

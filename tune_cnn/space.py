@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,14 @@ import yaml
 from tune_cnn.config import MAX_SEED, MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig, float_text
 from tune_cnn.errors import ConfigError
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+def _shipped_spaces() -> Path:
+    """search_spaces/ beside the package in a checkout (and an editable install); where pip installed a wheel,
+    the copy pyproject's data-files put under the environment's data path."""
+    beside = Path(__file__).resolve().parents[1] / "search_spaces"
+    return beside if beside.is_dir() else Path(sysconfig.get_path("data")) / "share" / "tune_cnn" / "search_spaces"
+
+
+SPACES_DIR = _shipped_spaces()
 TOP_KEYS = ("search", "metric", "mode", "samples", "scheduler", "resources", "fixed", "space", "subset", "seed")
 # Searches choose on training or validation metrics only: test metrics are reported, never used to choose.
 METRIC_MODES = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
