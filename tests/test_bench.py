@@ -146,7 +146,7 @@ def test_an_out_folder_that_cannot_be_made_is_found_before_any_timing(tmp_path, 
         main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "notes.txt" / "results")])
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and error == [f"error: --out {tmp_path / 'notes.txt' / 'results'}: {tmp_path / 'notes.txt'} is "
-                                               f"not a folder; choose a writable folder for the figures"]
+                                               f"a file; choose a writable folder for the figures"]
 
 
 def test_ratios_pass_by_pass_pair_each_pass_with_the_reference_pass_of_its_round():

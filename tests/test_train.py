@@ -4,6 +4,7 @@ import subprocess
 import sys
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,8 @@ def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
         with pytest.raises(ConfigError, match=r"checkpoints folder .*: .*notes\.txt is a file; pass a folder"):
             LocalCheckpoints(folder)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match=r"^checkpoints folder /proc/run: /proc is not writable; pass a folder"):
+        LocalCheckpoints(Path("/proc/run"))  # a folder nobody may make anything in, root included
 
 
 def test_a_checkpoint_without_its_parts_is_one_clear_error(tmp_path):

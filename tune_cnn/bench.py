@@ -46,7 +46,7 @@ from torchvision import transforms
 from tune_cnn.analysis import json_reports
 from tune_cnn.config import InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
-from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error, nearest_existing
+from tune_cnn.errors import CommandParser, ConfigError, check_folder_can_be_made, exit_on_user_error
 from tune_cnn.models import build_model, training_flops_per_image
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
 from tune_cnn.train import build_engine, eval_batch_size, evaluate, optimizer_settings, parse_settings, resolve_device, train
@@ -710,7 +710,7 @@ def make_plan(args: argparse.Namespace, data: DataSplits) -> Plan:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_writable_folder(args.out)
+    check_folder_can_be_made(args.out, f"--out {args.out}", "choose a writable folder for the figures")
     data = load_data(args.data)
     plan = make_plan(args, data)
     print(f"{data.describe()}; timing {plan.images:,} images per pass ...", flush=True)
@@ -732,14 +732,6 @@ def main(argv: list[str] | None = None) -> None:
         save(figures, path)
     print(format_table(figures))
     print(f"figures: {path}")
-
-
-def check_writable_folder(folder: Path) -> None:
-    """A ConfigError now, not after minutes of timing, where the figures could not be written."""
-    existing = nearest_existing(folder)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {folder}: {existing} is {'not a folder' if not existing.is_dir() else 'not writable'}; "
-                          f"choose a writable folder for the figures")
 
 
 def save(figures: dict[str, Any], path: Path) -> None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -33,10 +35,15 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_folder_can_be_made(folder: Path, label: str, fix: str) -> None:
-    """A ConfigError, before any work, where a file stands at `folder` or at one of its parents."""
+    """A ConfigError, before any work, where a file stands at `folder` or at one of its parents, or where the
+    nearest folder that exists cannot be written (permissions, a read-only file system)."""
     nearest = nearest_existing(folder)
     if not nearest.is_dir():
         raise ConfigError(f"{label}: {nearest} is a file; {fix}")
+    try:  # a folder made and removed: permission bits alone miss read-only file systems and root's limits (/sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".tune_cnn_probe_", dir=nearest))
+    except OSError:
+        raise ConfigError(f"{label}: {nearest} is not writable; {fix}") from None
 
 
 class CommandParser(argparse.ArgumentParser):
