@@ -129,12 +129,12 @@ def make_archive(source: Path, target: Path) -> Path:
             for path in source.rglob("*"):
                 z.write(path, path.relative_to(source.parent))
     else:
-        with tarfile.open(target, "w:gz") as t:
+        with tarfile.open(target, "w" if target.suffix == ".tar" else "w:gz") as t:
             t.add(source, arcname=source.name)
     return target
 
 
-@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".zip"])
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".tar", ".zip"])
 def test_archives_of_an_image_folder_extract_once_by_content(tmp_path, cache, suffix):
     folder = make_image_folder(tmp_path / "images")
     archive = make_archive(folder, tmp_path / f"images{suffix}")
@@ -143,6 +143,46 @@ def test_archives_of_an_image_folder_extract_once_by_content(tmp_path, cache, su
     renamed = archive.rename(tmp_path / f"renamed{suffix}")
     assert np.array_equal(load_data(renamed, cache_dir=cache).train.x, data.train.x)
     assert len([p for p in (cache / "extracted").iterdir() if p.is_dir()]) == 1
+
+
+def test_an_archive_made_by_macos_finder_loads(tmp_path, cache, capsys):
+    folder = make_image_folder(tmp_path / "images")
+    archive = make_archive(folder, tmp_path / "images.zip")
+    with zipfile.ZipFile(archive, "a") as z:  # what Finder's Compress adds: resource forks beside every file
+        z.writestr("__MACOSX/images/train/cat/._0000.png", b"\x00\x05\x16\x07 resource fork")
+        z.writestr("images/train/cat/._0000.png", b"\x00\x05\x16\x07 resource fork")
+    assert len(load_data(archive, cache_dir=cache).train) == 27
+    out = capsys.readouterr().out  # the first load says what it does
+    assert f"extracting {archive} into {cache / 'extracted'}" in out and "decoding 42 images from " in out
+
+
+def test_errors_inside_an_archive_name_the_archive_and_a_failed_extraction_leaves_nothing(tmp_path, cache):
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "cat" / "0.png")
+    message = one_line_error(make_archive(tmp_path / "flat", tmp_path / "flat.zip"), cache)
+    assert message.startswith(f"{tmp_path / 'flat.zip'} is neither an image folder") and str(cache) not in message
+    (tmp_path / "cut.tar.gz").write_bytes(make_archive(tmp_path / "flat", tmp_path / "whole.tar.gz").read_bytes()[:60])
+    assert "not a readable archive" in one_line_error(tmp_path / "cut.tar.gz", cache)
+    assert not list((cache / "extracted").glob("*.partial"))
+
+
+def test_sixteen_bit_grayscale_keeps_its_top_eight_bits(tmp_path, cache):
+    root = make_image_folder(tmp_path / "deep", mode="L")
+    for path in root.rglob("*.png"):  # the same images at 16 bits: value v becomes v * 257
+        Image.fromarray(np.asarray(Image.open(path)).astype(np.uint16) * 257).save(path)
+    assert Image.open(root / "train" / "cat" / "0000.png").mode.startswith("I")
+    data = load_data(root, cache_dir=cache)
+    eight_bit = load_data(make_image_folder(tmp_path / "plain", mode="L"), cache_dir=cache)
+    assert data.shape.channels == 1 and np.array_equal(data.train.x, eight_bit.train.x)  # (PIL's convert made them all 255)
+
+
+def test_one_class_a_link_to_nothing_and_an_unwritable_cache_are_one_line_each(image_folder, tmp_path, cache):
+    one = make_image_folder(tmp_path / "one", classes=("cat",))
+    assert "has one class (cat); a classifier needs two or more class folders" in one_line_error(one, cache)
+    (image_folder / "train" / "cat" / "9999.png").symlink_to(tmp_path / "gone.png")
+    assert f"{image_folder / 'train' / 'cat' / '9999.png'} is a link to nothing" in one_line_error(image_folder, cache)
+    (image_folder / "train" / "cat" / "9999.png").unlink()
+    assert "cache folder /proc/cache/decoded cannot be written" in one_line_error(image_folder, Path("/proc/cache"))
 
 
 def test_archive_of_the_pickle_format(tmp_path, cache):
@@ -178,7 +218,7 @@ def test_a_small_data_set_holds_out_one_image_per_class_and_a_single_one_none(tm
 
 def test_class_folder_without_images(image_folder, cache):
     (image_folder / "train" / "bird").mkdir()
-    assert "train/bird has no PNG or JPEG images" in one_line_error(image_folder, cache)
+    assert "train/bird has no images (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)" in one_line_error(image_folder, cache)
 
 
 def test_corrupt_image_is_named(image_folder, cache):

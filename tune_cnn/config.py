@@ -73,12 +73,6 @@ class ModelConfig:
         """A ConfigError where this model cannot take images of `shape` (a feature map shrunk below 1x1)."""
         MODEL_FAMILIES[self.model](self, shape)
 
-    def check_trains_on(self, train_images: int) -> None:
-        """A ConfigError where batch norm would have one training image: it cannot normalise a single image."""
-        if self.batch_norm and train_images < 2:
-            raise ConfigError(f"batch_norm needs 2 or more training images and there is {train_images}; "
-                              f"use a larger subset or batch_norm false")
-
 
 MODEL_SETTINGS = tuple(f.name for f in fields(ModelConfig))
 

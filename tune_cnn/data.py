@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import tarfile
+import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from tune_cnn.config import InputShape
 from tune_cnn.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
+TAR_COMPRESSION = {"gz": (".tar.gz", ".tgz"), "bz2": (".tar.bz2",), "xz": (".tar.xz",)}
 STATISTICS_CHUNK = 2048  # images per histogram step in channel_statistics: a few MB, reused from the heap
 CIFAR_URL_HINT = (
     "point --data (or TUNE_CNN_DATA) at a local copy: a cifar-10-batches-py folder, an image folder "
@@ -137,8 +139,16 @@ def load_raw(source: str, cache_dir: Path) -> RawData:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist; {CIFAR_URL_HINT}, or use --data cifar10")
-    if path.is_file():
-        path = extract_archive(path, cache_dir)
+    if not path.is_file():
+        return read_folder(path, cache_dir)
+    extracted = extract_archive(path, cache_dir)
+    try:
+        return read_folder(extracted, cache_dir)
+    except DataError as error:  # name the user's archive, not the cache folder it was extracted to
+        raise DataError(str(error).replace(str(extracted), str(path))) from None
+
+
+def read_folder(path: Path, cache_dir: Path) -> RawData:
     root = find_data_root(path)
     if (root / "data_batch_1").exists():
         return read_cifar_batches(root)
@@ -149,7 +159,7 @@ def find_data_root(path: Path) -> Path:
     """The folder itself, or its single subfolder (archives often wrap everything in one)."""
     if _is_data_root(path):
         return path
-    children = [c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    children = [c for c in path.iterdir() if c.is_dir() and not _hidden(c)]
     if len(children) == 1 and _is_data_root(children[0]):
         return children[0]
     if not any(path.iterdir()):
@@ -160,6 +170,11 @@ def find_data_root(path: Path) -> Path:
     )
 
 
+def _hidden(path: Path) -> bool:
+    """Dot files and folders, and what macOS adds to archives: __MACOSX/ and AppleDouble ._name files."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
 def _is_data_root(path: Path) -> bool:
     return (path / "data_batch_1").exists() or ((path / "train").is_dir() and (path / "test").is_dir())
 
@@ -167,11 +182,22 @@ def _is_data_root(path: Path) -> bool:
 # --- CIFAR-10 download and the official pickle format ---------------------------------------------------
 
 
+def cache_folder(cache_dir: Path, part: str) -> Path:
+    """cache_dir/part, made if missing; one DataError where it cannot be made or written."""
+    folder = cache_dir / part
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe_", dir=folder))
+    except OSError as error:
+        raise DataError(f"cache folder {folder} cannot be written ({error.strerror}); set TUNE_CNN_CACHE to a writable "
+                        f"folder") from None
+    return folder
+
+
 def download_cifar10(cache_dir: Path) -> Path:
     """Download and extract CIFAR-10 once; a file lock keeps concurrent processes from doing it twice."""
-    target = cache_dir / "cifar10"
+    target = cache_folder(cache_dir, "cifar10")
     batches = target / "cifar-10-batches-py"
-    target.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target / ".lock")):
         if not (batches / "test_batch").exists():
             from torchvision.datasets import CIFAR10
@@ -236,15 +262,19 @@ def _batch_arrays(batch: dict) -> Arrays:
 def extract_archive(path: Path, cache_dir: Path) -> Path:
     """Extract once into the cache, keyed by the archive's content; members may not leave that folder."""
     if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        raise DataError(f"{path} is a file but not an archive; --data takes a folder or a .tar.gz, .tgz or .zip")
-    target = cache_dir / "extracted" / file_digest(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+        raise DataError(f"{path} is a file but not an archive; --data takes a folder or a {', '.join(ARCHIVE_SUFFIXES)}")
+    target = cache_folder(cache_dir, "extracted") / file_digest(path)
     with FileLock(str(target) + ".lock"):
         if not (target / ".complete").exists():
+            print(f"extracting {path} into {target} (once)", flush=True)
             partial = target.with_name(target.name + ".partial")
             _remove_tree(partial)
             partial.mkdir()
-            _unpack(path, partial)
+            try:
+                _unpack(path, partial)
+            except DataError:
+                _remove_tree(partial)
+                raise
             _remove_tree(target)
             partial.rename(target)
             (target / ".complete").touch()
@@ -267,7 +297,7 @@ def _unpack(archive: Path, target: Path) -> None:
                     _check_member(archive, name)
                 z.extractall(target)
         else:
-            with tarfile.open(archive, "r:gz") as t:
+            with tarfile.open(archive, _tar_mode(archive.name.lower())) as t:
                 members = t.getmembers()
                 for member in members:
                     _check_member(archive, member.name)
@@ -276,6 +306,11 @@ def _unpack(archive: Path, target: Path) -> None:
                 t.extractall(target, members=members, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
         raise DataError(f"{archive} is not a readable archive ({error}); check the file or unpack it and pass the folder") from None
+
+
+def _tar_mode(name: str) -> str:
+    """The compression the name says (tarfile's own guessing, r:*, reports a failure on four lines)."""
+    return "r:" + next((kind for kind, ends in TAR_COMPRESSION.items() if name.endswith(ends)), "")
 
 
 def _check_member(archive: Path, name: str) -> None:
@@ -298,10 +333,11 @@ def read_image_folder_cached(root: Path, cache_dir: Path) -> RawData:
     files = {split: list_split(root, split) for split in ("train", "val", "test") if (root / split).is_dir()}
     classes = check_classes(root, files)
     key = _folder_key(root, files)
-    cached = cache_dir / "decoded" / f"{key}.npz"
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached = cache_folder(cache_dir, "decoded") / f"{key}.npz"
     with FileLock(str(cached) + ".lock"):
         if not cached.exists():
+            count = sum(len(paths) for listing in files.values() for paths in listing.values())
+            print(f"decoding {count} images from {root} (once; later loads read {cached})", flush=True)
             arrays = _same_channels({split: decode_split(split_files, classes) for split, split_files in files.items()})
             _check_same_size(arrays, files)
             partial = cached.with_suffix(".partial.npz")
@@ -315,20 +351,25 @@ def read_image_folder_cached(root: Path, cache_dir: Path) -> RawData:
 def list_split(root: Path, split: str) -> dict[str, list[Path]]:
     """Image files of one split by class name; every class folder must hold at least one image."""
     folder = root / split
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not _hidden(d))
     if not class_dirs:
         raise DataError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
     listing = {}
     for d in class_dirs:
-        images = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)  # Path order, 10x faster
+        images = sorted((p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p)), key=lambda p: p.name)  # Path order, 10x faster
         if not images:
-            raise DataError(f"class folder {d} has no PNG or JPEG images; add images or remove the folder")
+            raise DataError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
+        broken = next((p for p in images if not p.exists()), None)
+        if broken:
+            raise DataError(f"{broken} is a link to nothing; remove it or restore what it points to")
         listing[d.name] = images
     return listing
 
 
 def check_classes(root: Path, files: dict[str, dict[str, list[Path]]]) -> tuple[str, ...]:
     classes = tuple(files["train"])
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'} has one class ({classes[0]}); a classifier needs two or more class folders")
     for split, listing in files.items():
         if tuple(listing) != classes:
             only_train = sorted(set(classes) - set(listing))
@@ -361,9 +402,21 @@ def _decode_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img if img.mode in ("RGB", "L") else img.convert("RGB")
+            return _eight_bit(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
+
+
+def _eight_bit(img: Image.Image, path: Path) -> Image.Image:
+    """RGB or grayscale (L) at 8 bits a channel. 16-bit grayscale keeps its top 8 bits: PIL's convert would clip
+    every value above 255 to white. Alpha is dropped; palette, CMYK and the like become RGB."""
+    if img.mode in ("RGB", "L"):
+        return img
+    if img.mode.startswith("I"):  # 16-bit grayscale PNG and TIFF (I;16, or I in older Pillow)
+        return Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+    if img.mode == "F":
+        raise DataError(f"{path} holds floating-point pixels; convert the data set to 8-bit PNG or JPEG")
+    return img.convert("L" if img.mode in ("1", "LA", "La") else "RGB")
 
 
 def _to_chw(img: Image.Image, mode: str) -> np.ndarray:

@@ -139,8 +139,8 @@ class SearchSpace:
         names = self.swept
         return [{**self.fixed, **dict(zip(names, combo))} for combo in itertools.product(*self.space.values())]
 
-    def check_models(self, shape: InputShape, train_images: int) -> None:
-        """Check every model the space can ask for against `train_images` images of `shape`; a misfit is a ConfigError."""
+    def check_models(self, shape: InputShape) -> None:
+        """Check every model the space can ask for against images of `shape`; a misfit is a ConfigError."""
         names = [n for n in self.swept if n in MODEL_SETTINGS]
         options = [_candidate_values(self.space[n]) for n in names]
         for combo in itertools.product(*options):
@@ -148,7 +148,6 @@ class SearchSpace:
             try:
                 model = TrainConfig.from_flat(settings).model
                 model.check_fits(shape)
-                model.check_trains_on(train_images)
             except ConfigError as error:
                 keys = ", ".join(f"{n}={v}" for n, v in zip(names, combo)) or "the fixed settings"
                 raise ConfigError(f"{self.source}: {keys}: {error}") from None

@@ -354,7 +354,6 @@ def train(
     (training images over the training pass's seconds) and lr. A checkpoint is due every
     `checkpoint_every` epochs and at the last; `resume` (from load_checkpoint) continues at the next epoch.
     """
-    config.model.check_trains_on(len(data.train))
     if resume is not None:
         check_resumable(config, resume)
         check_same_data(data, resume)
