@@ -268,3 +268,16 @@ def test_an_address_that_never_answers_times_out_with_one_line(monkeypatch: pyte
     # every connection) is no Ray cluster; each must end within the timeout.
     with pytest.raises(ConfigError, match=r"no Ray cluster answers at --address 203\.0\.113\.1:6379"):
         sweep.check_cluster_answers("203.0.113.1:6379")
+
+
+def test_ctrl_c_and_a_closed_pipe_end_a_command_in_one_line_or_quietly(tmp_path: Path):
+    """Ctrl-C before the sweep's trials start (data loading, Ray's start) is one line and exit code 130; a dry
+    run piped into `head` ends quietly."""
+    interrupted = subprocess.run(
+        [sys.executable, "-c", "import tune_cnn.errors as e; e.exit_on_user_error(lambda: (_ for _ in ()).throw(KeyboardInterrupt))()"],
+        capture_output=True, text=True)
+    assert interrupted.returncode == 130 and interrupted.stderr == "interrupted\n"
+    images = make_image_folder(tmp_path / "images")
+    piped = subprocess.run(f"{sys.executable} -m tune_cnn.sweep seed --data {images} --dry-run | head -1", shell=True,
+                           capture_output=True, text=True, env={**os.environ, "TUNE_CNN_CACHE": str(tmp_path / "cache")})
+    assert piped.stdout.count("\n") == 1 and piped.stderr == ""

@@ -16,6 +16,7 @@ import torch
 from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
 from tune_cnn import analysis, sweep
 from tune_cnn.config import CHECKPOINT_REPORTS, MODEL_FAMILIES
+from tune_cnn.errors import ConfigError
 from tune_cnn.space import load_space
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
@@ -252,6 +253,28 @@ def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Pat
                     "--epochs", "2", "--resume"])
     assert capsys.readouterr().err == (f"error: experiment {tmp_path / 'results' / 'first'} was started otherwise (epochs 1, now 2); "
                                        f"resume it with the same space and options\n")
+    # A dry run of a resume checks it too; the same data spelt another way (relative) is the same data
+    relative = os.path.relpath(images)
+    resume = [str(space), "--data", relative, "--storage", str(tmp_path / "results"), "--seed", "7", "--resume", "--dry-run"]
+    assert sweep.main([*resume, "--name", "first"]) == 0
+    for name, option, error in (("nosuch", [], "no experiment to resume at"), ("first", ["--epochs", "2"], "was started otherwise (epochs 1")):
+        with pytest.raises(SystemExit):
+            sweep.main([*resume, "--name", name, *option])
+        assert error in capsys.readouterr().err
+    experiment = sweep.Experiment(str(tmp_path / "results"), "first")
+    stored = experiment.read_metadata()
+    assert stored["data"] == str(images.resolve()) and stored["samples"] == 1
+    with pytest.raises(ConfigError, match=r"was started otherwise \(samples 1, now 8\)"):
+        experiment.check(resume=True, metadata={**stored, "samples": 8})  # Tune's restore would keep 1, and --resume loop
+
+
+def test_a_folder_holding_only_the_metadata_is_not_an_experiment(tmp_path: Path):
+    """Ctrl-C between the metadata and Tune's first save: a new run may take the name; --resume had nothing to resume."""
+    experiment = sweep.Experiment(str(tmp_path), "early")
+    experiment.write_metadata({"space": "quick"})
+    assert not experiment.exists()
+    (tmp_path / "early" / "experiment_state.json").write_text("{}")
+    assert experiment.exists()
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):

@@ -56,7 +56,8 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def exit_on_user_error(main: F) -> F:
-    """Run a command's main(); a user error ends it with one line on stderr and exit code 2."""
+    """Run a command's main(); a user error ends it with one line on stderr and exit code 2, Ctrl-C with one line
+    and 130 (the shell's code for it), and a closed pipe (`| head`) quietly."""
 
     @wraps(main)
     def wrapper(*args, **kwargs):
@@ -65,5 +66,11 @@ def exit_on_user_error(main: F) -> F:
         except TuneCnnError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except BrokenPipeError:  # Python's advice: point stdout at devnull, so the flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
 
     return wrapper  # type: ignore[return-value]

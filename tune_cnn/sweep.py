@@ -42,9 +42,14 @@ CONNECT_TIMEOUT_S = 30.0  # how long joining --address may take before the sweep
 # --- The trainable (runs in a Ray worker) ------------------------------------------------------------------
 
 
+# Settings that do not change what a trial's epochs compute: the same trial with more epochs repeats the first ones.
+NOT_IN_TRIAL_SEED = ("epochs", "checkpoint_every", "eval_batch_size")
+
+
 def trial_seed(sweep_seed: int, settings: dict[str, Any]) -> int:
     """A trial's seed from the sweep seed and its settings, so a rerun of the sweep gives the same numbers."""
-    key = json.dumps({"sweep_seed": sweep_seed, "settings": settings}, sort_keys=True, default=str)
+    seeded = {name: value for name, value in settings.items() if name not in NOT_IN_TRIAL_SEED}
+    key = json.dumps({"sweep_seed": sweep_seed, "settings": seeded}, sort_keys=True, default=str)
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (2**31)
 
 
@@ -165,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     experiment = Experiment(args.storage, space.name if args.name is None else args.name)
+    metadata = sweep_metadata(space, data)
     if args.dry_run:
+        exists = experiment.exists()  # storage that cannot be reached is one line, before the listing
+        if args.resume:
+            experiment.check(resume=True, metadata=metadata)
         print(describe_trials(space, data))
-        if not args.resume and experiment.exists():
+        if exists and not args.resume:
             print(f"notice: experiment {experiment.path} already exists; the run needs --resume to continue it, or another --name")
         return 0
-    metadata = sweep_metadata(space, data)
     experiment.check(resume=args.resume, metadata=metadata)
     print(data.describe(), flush=True)
     # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
@@ -226,6 +234,8 @@ class Experiment:
     """The experiment folder, local or on cloud storage (pyarrow file systems speak both)."""
 
     def __init__(self, storage: str, name: str):
+        if not storage.strip():
+            raise ConfigError("--storage is empty; pass a folder for the experiments or a URI such as s3://bucket/path")
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ConfigError(f"--name '{name}' is not a folder name; name the experiment only and choose its place with --storage")
         self.is_uri = "://" in storage
@@ -246,11 +256,16 @@ class Experiment:
             raise self._unreachable(error) from None
 
     def exists(self) -> bool:
+        """True where the folder holds a sweep. One that holds only this tool's metadata (Ctrl-C came before Tune
+        saved anything) does not count: a new run may take the name again, where --resume has nothing to resume."""
         import pyarrow.fs
+        from tune_cnn.analysis import METADATA_FILE
 
         fs, path = self._fs()
         try:
-            return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+            if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+                return False
+            return [Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(path))] != [METADATA_FILE]
         except OSError as error:
             raise self._unreachable(error) from None
 
@@ -309,8 +324,9 @@ class Experiment:
         if not self.exists() or not Tuner.can_restore(self.path):
             raise ConfigError(f"no experiment to resume at {self.path}; check --storage and --name, or drop --resume")
         stored = self.read_metadata() or {}
-        for key in ("space_yaml", "data", "subset", "sweep_seed", "fixed"):
-            if stored.get(key) != metadata[key]:
+        stored.setdefault("samples", metadata["samples"])  # experiments from before 2026-11-27 did not record it
+        for key in ("space_yaml", "data", "subset", "sweep_seed", "fixed", "samples"):
+            if _comparable(key, stored.get(key)) != _comparable(key, metadata[key]):
                 raise ConfigError(f"experiment {self.path} was started otherwise ({_change(key, stored.get(key), metadata[key])}); "
                                   f"resume it with the same space and options")
 
@@ -329,10 +345,18 @@ def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
         "fixed": json.loads(json.dumps(space.fixed)),
         "checkpoint_epochs": space.checkpoint_epochs,
         "epochs": space.epochs,
-        "data": data.source,
+        "data": _comparable("data", data.source),
         "subset": space.subset,
+        "samples": space.samples,
         "sweep_seed": space.seed,
     }
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A local --data path as the absolute path it names, so a resume may spell it otherwise (relative, ~)."""
+    if key == "data" and isinstance(value, str) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def _change(key: str, was: Any, now: Any) -> str:
@@ -343,7 +367,7 @@ def _change(key: str, was: Any, now: Any) -> str:
         was = was or {}
         changed = [k for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k)]
         return ", ".join(f"{k} {was.get(k)!r}, now {now.get(k)!r}" for k in changed)
-    option = {"data": "--data", "subset": "subset", "sweep_seed": "seed"}[key]
+    option = {"data": "--data", "subset": "subset", "sweep_seed": "seed", "samples": "samples"}[key]
     return f"{option} {was!r}, now {now!r}"
 
 
@@ -384,12 +408,26 @@ def connect_ray(address: str | None) -> bool:
         return False
     if address:
         check_cluster_answers(address)
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(not_the_token_auth_notice)
-        # No dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own).
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(not_the_token_auth_notice)
+    with interrupt_after():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:  # no dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own)
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+@contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Ctrl-C waits for the block to end: interrupted midway, ray.init left a traceback and at times a crash at exit."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def check_cluster_answers(address: str) -> None:
