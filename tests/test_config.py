@@ -65,6 +65,8 @@ def test_a_model_that_does_not_fit_the_images_is_found_without_building_it():
     with pytest.raises(ConfigError, match="conv_width 7 with valid padding shrinks a 32x32 image below 1x1"):
         ModelConfig(conv_width=7).check_fits(CIFAR)
     ModelConfig(conv_width=7, padding="same").check_fits(CIFAR)
+    with pytest.raises(ConfigError, match=r"shrinks a 32x32 image below 1x1 in 7 convolutions and the poolings between them; use fewer filters"):
+        ModelConfig(filters=(8,) * 7, padding="same").check_fits(CIFAR)
 
 
 def test_a_sweeps_driver_and_the_analysis_never_import_torch(image_folder, decode_cache):

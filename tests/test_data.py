@@ -115,6 +115,17 @@ def test_official_pickle_format(tmp_path, cache):
     assert np.array_equal(data.test.x, written["test_batch"].reshape(-1, 3, 32, 32))
 
 
+def test_a_damaged_batches_folder_is_one_line(tmp_path, cache):
+    write_cifar_batches(tmp_path / "meta")
+    with open(tmp_path / "meta" / "batches.meta", "wb") as f:
+        pickle.dump({b"num_cases_per_batch": 10}, f, protocol=2)
+    assert "batches.meta has no label_names list" in one_line_error(tmp_path / "meta", cache)
+    write_cifar_batches(tmp_path / "short")
+    with open(tmp_path / "short" / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros(100, dtype=np.uint8), b"labels": [0]}, f, protocol=2)
+    assert "test_batch is not a CIFAR-10 batch file (its data or labels: cannot reshape" in one_line_error(tmp_path / "short", cache)
+
+
 def test_pickle_that_would_run_code_is_refused(tmp_path, cache):
     write_cifar_batches(tmp_path / "evil")
     with open(tmp_path / "evil" / "test_batch", "wb") as f:

@@ -1,5 +1,7 @@
 import collections
 import dataclasses
+import os
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -73,10 +75,17 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split()[1] for line in lines] == ["1", "2"]
     assert lines[0].endswith(f"[checkpoint {tmp_path / 'run' / 'epoch_001'}]")
-    with pytest.raises(SystemExit):  # a fresh run into the same folder would mix the two runs' checkpoints
-        train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "run")])
-    assert capsys.readouterr().err == (f"error: checkpoints folder {tmp_path / 'run'} holds another run's checkpoints "
-                                       f"(epoch_001, epoch_002); pass a new folder, or --resume one of them\n")
+    other_run = ["--checkpoints", str(tmp_path / "run")]  # a fresh run, or a resumed one from elsewhere, would mix two runs
+    for options in ([], ["--resume", str(tmp_path / "run" / "epoch_001"), "--set", "epochs=3", "--checkpoints", str(tmp_path / "x")]):
+        shutil.copytree(tmp_path / "run" / "epoch_001", tmp_path / "x" / "epoch_001", dirs_exist_ok=True)
+        with pytest.raises(SystemExit):
+            train_main(["--data", str(image_folder), *(options or other_run)])
+        folder = tmp_path / ("x" if options else "run")
+        assert capsys.readouterr().err.startswith(f"error: checkpoints folder {folder} holds another run's checkpoints (epoch_001")
+    train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_001" / CHECKPOINT_FILE), "--set", "epochs=3",
+                *other_run])  # a run continued in its own folder
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch_001", "epoch_002", "epoch_003"]
+    capsys.readouterr()
     train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "resumed"), "--resume", str(tmp_path / "run" / "epoch_001")])
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")] == ["2"]
     resumed = load_checkpoint(tmp_path / "resumed" / "epoch_002")["config"]
@@ -91,8 +100,8 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
             train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_001"), *option])
         assert capsys.readouterr().err.startswith(f"error: {message}")
     with pytest.raises(SystemExit):
-        train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_002")])
-    assert capsys.readouterr().err.startswith("error: the checkpoint is at epoch 2 and epochs is 2, so nothing is left to train; set epochs above 2")
+        train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_003")])
+    assert capsys.readouterr().err.startswith("error: the checkpoint is at epoch 3 and epochs is 3, so nothing is left to train; set epochs above 3")
 
 
 def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_folder, decode_cache, tmp_path, capsys):
@@ -169,11 +178,28 @@ def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
         LocalCheckpoints(Path("/proc/run"))  # a folder nobody may make anything in, root included
 
 
-def test_a_checkpoint_without_its_parts_is_one_clear_error(tmp_path):
+def test_a_checkpoint_without_its_parts_is_one_clear_error(small_data, tmp_path):
     (tmp_path / "partial").mkdir()
     torch.save({"model": {}, "epoch": 3}, tmp_path / "partial" / CHECKPOINT_FILE)
-    with pytest.raises(ConfigError, match=r"is not a tune_cnn checkpoint \(unreadable, without model, optimizer, epoch, rng, config"):
-        load_checkpoint(tmp_path / "partial")
+    (tmp_path / "notes.txt").write_text("hello")  # torch's safe load fails on text with a KeyError
+    for path in (tmp_path / "partial", tmp_path / "notes.txt"):
+        with pytest.raises(ConfigError, match=r"is not a tune_cnn checkpoint \(unreadable, without model, optimizer, epoch, rng, config"):
+            load_checkpoint(path)
+    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50})
+    train(config, small_data, quiet(tmp_path / "run"))
+    checkpoint = load_checkpoint(tmp_path / "run" / "epoch_002")
+    shutil.copy(tmp_path / "run" / "epoch_002" / CHECKPOINT_FILE, tmp_path / "renamed.pt")
+    assert load_checkpoint(tmp_path / "renamed.pt")["epoch"] == 2  # a checkpoint file by any name
+    assert (tmp_path / "run" / "epoch_002").stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not the temporary folder's 0700
+    edited = {**checkpoint, "model": {k: v for k, v in checkpoint["model"].items() if not k.endswith("bias")}}
+    with pytest.raises(ConfigError, match=r"^the checkpoint's weights do not fit its model \(Error\(s\) in loading state_dict"):
+        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "edited"), resume=edited)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_batch_norm_leaves_out_a_last_batch_of_one_image(tmp_path):

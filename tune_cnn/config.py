@@ -97,9 +97,10 @@ def seed_feature_sizes(config: ModelConfig, size: int) -> list[int]:
 
 def check_seed_cnn_fits(config: ModelConfig, shape: InputShape) -> None:
     if min(seed_feature_sizes(config, min(shape.height, shape.width))) < 1:
+        fix = "fewer filters (layers)" if config.padding == "same" else "padding 'same', a smaller conv_width or fewer filters"
         raise ConfigError(
             f"conv_width {config.conv_width} with {config.padding} padding shrinks a {shape.height}x{shape.width} "
-            f"image below 1x1; use padding 'same' or a smaller conv_width"
+            f"image below 1x1 in {len(config.filters)} convolutions and the poolings between them; use {fix}"
         )
 
 
@@ -145,7 +146,7 @@ class TrainConfig:
             (DEVICE.fullmatch(self.device) is not None, f"device '{self.device}' is unknown; use auto, cpu, cuda or cuda:N"),
             (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
-            (self.eval_batch_size >= 1, "eval_batch_size must be an integer >= 1"),
+            (self.eval_batch_size >= 1, f"eval_batch_size {self.eval_batch_size} is out of range; use an integer >= 1"),
         ]
         for ok, message in checks:
             if not ok:

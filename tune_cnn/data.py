@@ -112,6 +112,8 @@ def load_data(
     cache_dir: Path | None = None,
 ) -> DataSplits:
     """Load a data set and split it. `subset` keeps a stratified N-image subset of the training split."""
+    if source == "":
+        raise DataError("--data is empty; pass cifar10, a folder or an archive (or leave it out for $TUNE_CNN_DATA)")
     source = str(source or default_source())
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is out of range; use a fraction between 0 and 1, such as 0.1")
@@ -244,16 +246,24 @@ def read_cifar_batches(folder: Path) -> RawData:
     if missing:
         raise DataError(f"{folder} lacks {', '.join(missing)}; a cifar-10-batches-py folder needs data_batch_1 (CIFAR-10 has 1 to 5), test_batch and batches.meta")
     meta = _read_batch(folder / "batches.meta")
+    if not isinstance(meta.get("label_names"), list):
+        raise DataError(f"{folder / 'batches.meta'} has no label_names list; re-download or re-extract the data set")
     classes = tuple(n.decode() if isinstance(n, bytes) else n for n in meta["label_names"])
-    train = [_batch_arrays(_read_batch(p)) for p in train_files]
-    test = _batch_arrays(_read_batch(folder / "test_batch"))
+    train = [_batch_arrays(_read_batch(p), p) for p in train_files]
+    test = _batch_arrays(_read_batch(folder / "test_batch"), folder / "test_batch")
     train_arrays = Arrays(np.concatenate([a.x for a in train]), np.concatenate([a.y for a in train]))
     return RawData(train_arrays, test, classes)
 
 
-def _batch_arrays(batch: dict) -> Arrays:
-    x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return Arrays(x, np.asarray(batch["labels"], dtype=np.int64))
+def _batch_arrays(batch: dict, path: Path) -> Arrays:
+    try:
+        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch["labels"], dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as error:
+        raise DataError(f"{path} is not a CIFAR-10 batch file (its data or labels: {error}); re-download or re-extract the data set") from None
+    if len(x) != len(y):
+        raise DataError(f"{path} holds {len(x)} images and {len(y)} labels; re-download or re-extract the data set")
+    return Arrays(x, y)
 
 
 # --- Archives --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import pickle
 import shutil
 import tempfile
 import time
@@ -74,7 +73,9 @@ class LocalCheckpoints:
         kept = None
         if checkpoint is not None:
             kept = self.folder / f"epoch_{int(metrics['epoch']):03d}"
-            shutil.copytree(checkpoint, kept, dirs_exist_ok=True)
+            kept.mkdir(parents=True, exist_ok=True)  # with the umask's permissions, not the temporary folder's 0700
+            for part in checkpoint.iterdir():
+                shutil.copy(part, kept / part.name)
         if self.echo:
             print(report_line(metrics) + (f"  [checkpoint {kept}]" if kept else ""), flush=True)
 
@@ -85,14 +86,14 @@ class LocalCheckpoints:
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     """Read a checkpoint folder (or its checkpoint file); weights_only=True means a checkpoint file cannot run code."""
     path = Path(folder)
-    path = path if path.name == CHECKPOINT_FILE else path / CHECKPOINT_FILE
+    path = path if path.is_file() else path / CHECKPOINT_FILE
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} not found; pass a checkpoint folder such as checkpoints/epoch_010")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):  # foreign, truncated or unsafe (code-running) files
+    except Exception:  # foreign, truncated or unsafe (code-running) files fail in many ways (KeyError for text)
         checkpoint = None
     if not (isinstance(checkpoint, dict) and set(CHECKPOINT_KEYS) <= set(checkpoint)
             and isinstance(checkpoint["data"], dict) and set(CHECKPOINT_DATA_KEYS) <= set(checkpoint["data"])):
@@ -128,12 +129,28 @@ def check_same_data(data: DataSplits, checkpoint: Mapping[str, Any]) -> None:
                           f"other class names or labels); resume on the data it trained on")
 
 
+def load_weights(model: nn.Module, optimizer: FusedOptimizer, checkpoint: Mapping[str, Any]) -> None:
+    """The checkpoint's weights and optimizer state; one ConfigError where they do not fit (an edited file)."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"the checkpoint's weights do not fit its model ({first}); pass a checkpoint written by train or a sweep") from None
+
+
 def check_no_other_run(folder: Path) -> None:
     """A fresh run would mix its checkpoints with (and overwrite) those of another run already in `folder`."""
     earlier = sorted(p.name for p in Path(folder).glob("epoch_*"))
     if earlier:
         raise ConfigError(f"checkpoints folder {folder} holds another run's checkpoints ({', '.join(earlier[:3])}"
                           f"{', ...' if len(earlier) > 3 else ''}); pass a new folder, or --resume one of them")
+
+
+def continues_in(folder: Path, resumed: Path) -> bool:
+    """True where `folder` is the checkpoints folder of the run `resumed` (an epoch folder or its file) belongs to."""
+    epoch_folder = resumed.parent if resumed.is_file() else resumed
+    return epoch_folder.resolve().parent == folder.resolve()
 
 
 def check_epochs_left(config: TrainConfig, checkpoint: Mapping[str, Any]) -> None:
@@ -361,8 +378,7 @@ def train(
     model, optimizer, shuffle, device = engine.model, engine.optimizer, engine.shuffle, engine.device
     first_epoch = 1
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_weights(model, optimizer, resume)
         _restore_rng(resume, shuffle, device, config.seed)
         first_epoch = int(resume["epoch"]) + 1
     splits = {name: engine.put(getattr(data, name)) for name in ("train", "val", "test")}
@@ -570,7 +586,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     settings = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not name:
             raise ConfigError(f"--set {pair}: write NAME=VALUE, for example --set epochs=10")
         try:
             settings[name] = yaml.safe_load(value)
@@ -593,8 +609,9 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         check_resumable(config, resume)
         check_epochs_left(config, resume)
+    resolve_device(config.device)  # a GPU that is not there, before the data loads
     reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
-    if args.checkpoints and not resume:
+    if args.checkpoints and not (resume and continues_in(args.checkpoints, args.resume)):
         check_no_other_run(args.checkpoints)
     try:
         data = load_data(args.data, subset=split["subset"], seed=split["seed"])
