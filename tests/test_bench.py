@@ -78,10 +78,11 @@ def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
 
 
 def test_each_cuda_variant_is_a_config_and_the_engines_options():
-    variants = bench.engine_variants(TrainConfig(), torch.device("cuda"), ["graph", "graph-bf16-copies"])
+    variants = bench.engine_variants(TrainConfig(), torch.device("cuda"), ["graph", "graph-bf16-copies", "graph-gather"])
     graph = dataclasses.replace(TrainConfig(), compile=False, cuda_graph=True)
     assert variants == {"engine, whole-step CUDA graph": (graph, {}),
-                        "engine, whole-step CUDA graph, bf16 weight copies": (dataclasses.replace(graph, precision="bf16"), {"bf16_weight_copies": True})}
+                        "engine, whole-step CUDA graph, bf16 weight copies": (dataclasses.replace(graph, precision="bf16"), {"bf16_weight_copies": True}),
+                        "engine, whole-step CUDA graph, batches gathered into it": (graph, {"gather_into_graph": True})}
     assert bench.engine_variants(TrainConfig(), torch.device("cpu"), ["graph"]) == {"engine": (TrainConfig(), {})}
 
 

@@ -279,6 +279,16 @@ def test_bf16_weight_copies_replace_autocasts_casts_by_two_multi_tensor_copies()
     assert copied.counts["_to_copy"] == 2 and copied.counts["_foreach_copy_"] == 2  # the logits to float32 for the loss, and back
 
 
+def test_a_batch_gathers_straight_into_a_channels_last_buffer_as_indexing_gathers_it():
+    """What StepGraph.step_at relies on: index_select into the graph's input keeps its layout and gathers as x[index]."""
+    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = torch.zeros((16, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    strides, pointer = out.stride(), out.data_ptr()
+    index = torch.randperm(50)[:16]
+    torch.index_select(x, 0, index, out=out)
+    assert torch.equal(out, x[index]) and out.stride() == strides and out.data_ptr() == pointer
+
+
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
 
 
@@ -324,6 +334,19 @@ def test_bf16_weight_copies_train_in_the_cuda_graph_as_autocast_alone(small_data
 
 
 @CUDA
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batches_gathered_into_the_cuda_graph_train_bit_for_bit_as_copied_in(small_data, precision):
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "precision": precision, "dropout": 0.3})
+    runs = []
+    for gather in (False, True):
+        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std, gather_into_graph=gather)
+        data = engine.put(small_data.train)
+        runs.append([engine.train_epoch(data) for _ in range(3)])
+        assert engine.graph.gathers == gather and engine.graph.replays == 3 * 9 - 3
+    assert runs[0] == runs[1]  # the same batches into the same captured step
+
+
+@CUDA
 def test_cuda_graph_resumes_from_a_checkpoint(small_data, tmp_path):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 64, "device": "cuda", "precision": "fp32",
                                     "cuda_graph": True, "batch_norm": True})
@@ -335,7 +358,7 @@ def test_cuda_graph_resumes_from_a_checkpoint(small_data, tmp_path):
 
 
 @CUDA
-def test_a_checkpoint_from_the_cpu_resumes_on_a_gpu(small_data, tmp_path):
+def test_a_checkpoint_from_the_cpu_resumes_on_cuda(small_data, tmp_path):
     config = TrainConfig.from_flat({"epochs": 2, "checkpoint_every": 1, "batch_size": 64, "device": "cpu"})
     train(config, small_data, quiet(tmp_path / "cpu"))
     on_gpu = TrainConfig.from_flat({**config.flat(), "device": "cuda"})

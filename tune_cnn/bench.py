@@ -240,8 +240,11 @@ VARIANTS = {  # on CUDA: name in the table -> the settings that make it, and bui
     "graph": ("engine, whole-step CUDA graph", GRAPH, {}),
     "graph-fp32": ("engine, whole-step CUDA graph, fp32", {**GRAPH, "precision": "fp32"}, {}),
     "graph-compile": ("engine, CUDA graph + torch.compile", {"compile": True, "cuda_graph": True}, {}),
-    # Not yet measured, so not the engine's default: train.Bf16Weights.
+    # Not yet measured, so not the engine's default: train.Bf16Weights and StepGraph.step_at.
     "graph-bf16-copies": ("engine, whole-step CUDA graph, bf16 weight copies", {**GRAPH, "precision": "bf16"}, {"bf16_weight_copies": True}),
+    "graph-gather": ("engine, whole-step CUDA graph, batches gathered into it", GRAPH, {"gather_into_graph": True}),
+    "graph-bf16-copies-gather": ("engine, whole-step CUDA graph, bf16 weight copies, batches gathered into it",
+                                 {**GRAPH, "precision": "bf16"}, {"bf16_weight_copies": True, "gather_into_graph": True}),
 }
 EngineVariant = tuple[TrainConfig, dict[str, Any]]  # a config and build_engine's options
 

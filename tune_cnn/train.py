@@ -295,11 +295,12 @@ class Engine:
 
 
 def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], std: Sequence[float], *,
-                 bf16_weight_copies: bool = False) -> Engine:
+                 bf16_weight_copies: bool = False, gather_into_graph: bool = False) -> Engine:
     """Seed the run and build the model, optimizer and precision for `config` on its device.
 
-    `bf16_weight_copies`: the bf16 CUDA graph's step runs on Bf16Weights, not yet measured on a GPU, so off
-    by default and timed by the bench's `graph-bf16-copies` variant (benchmarks/README.md).
+    Two ways to cut the CUDA graph's step, not yet measured on a GPU, so off by default and timed by the bench's
+    variants (benchmarks/README.md): `bf16_weight_copies`, the bf16 step on Bf16Weights (`graph-bf16-copies`),
+    and `gather_into_graph`, full batches gathered straight into the graph's inputs (`graph-gather`).
 
     channels_last everywhere: on this project's 2-core CPU it trained the seed model 31% faster and
     evaluated it 2x faster than NCHW (NCHW max-pooling is slow there); on CUDA it is what tensor cores want.
@@ -323,7 +324,7 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     engine = Engine(config, device, model, compiled(model, config, device), optimizer, shuffle, autocast,
                     *pixel_normalisation(mean, std, device))
     if config.cuda_graph and device.type == "cuda":
-        engine.graph = StepGraph(engine, shape, bf16_weight_copies and bf16 and not config.compile)
+        engine.graph = StepGraph(engine, shape, bf16_weight_copies and bf16 and not config.compile, gather_into_graph)
     return engine
 
 
@@ -421,6 +422,9 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
     seen = len(data) - 1 if config.model.batch_norm and len(data) % config.batch_size == 1 else len(data)
     for start in range(0, seen, config.batch_size):
         index = order[start : start + config.batch_size]
+        if graph and graph.gathers and config.augment == "none" and len(index) == config.batch_size:
+            graph.step_at(data, index)
+            continue
         x, y = data.x[index], data.y[index]
         if config.augment != "none":
             x = augment_batch(x, config.augment, generator)
@@ -469,7 +473,7 @@ class StepGraph:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, engine: Engine, shape: InputShape, bf16_weight_copies: bool = False):
+    def __init__(self, engine: Engine, shape: InputShape, bf16_weight_copies: bool = False, gathers: bool = False):
         batch, device = engine.config.batch_size, engine.device
         self.x = torch.zeros((batch, shape.channels, shape.height, shape.width), dtype=torch.uint8, device=device)
         self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -480,12 +484,23 @@ class StepGraph:
         self.forward = Bf16Weights(engine.step) if bf16_weight_copies else engine.step
         self.run = lambda: train_step(self.forward, engine.optimizer, normalise, self.x, self.y, engine.autocast, self.totals)
         self.parameters = list(engine.model.parameters())
+        self.gathers = gathers
         self.eager_steps, self.replays = 0, 0
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x.copy_(x)
         self.y.copy_(y)
+        self._run_step()
+
+    def step_at(self, data: DeviceData, index: torch.Tensor) -> None:
+        """The full batch at `index`, gathered straight into the graph's inputs: a kernel for the images and one for
+        the labels, where gathering them and copying them in were four."""
+        torch.index_select(data.x, 0, index, out=self.x)
+        torch.index_select(data.y, 0, index, out=self.y)
+        self._run_step()
+
+    def _run_step(self) -> None:
         if self.graph is None and self.eager_steps < self.WARMUP_STEPS:
             self._eager_on_side_stream()
             return
