@@ -8,6 +8,7 @@ import multiprocessing
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -65,19 +66,23 @@ def seed_params(pooling: str, width: int) -> dict:
     return {"model": "seed_cnn", "padding": "same", "epochs": EPOCHS, "checkpoint_every": 2, "pooling": pooling, "conv_width": width}
 
 
-@pytest.fixture
-def seed_experiment(tmp_path: Path) -> Path:
-    """A finished 2 x 3 grid of 6 epochs; the (avg, 7) trial does not overfit."""
-    experiment = tmp_path / "mini-seed"
+def write_grid(experiment: Path, metadata: dict = SEED_METADATA, change: Callable[[str, int, dict], dict] = lambda p, w, r: r) -> Path:
+    """A finished 2 x 3 grid of 6 epochs; the (avg, 7) trial does not overfit. `change(pooling, width, report)`
+    may alter each report."""
     statuses = {}
     for index, (pooling, width) in enumerate((p, w) for p in POOLINGS for w in WIDTHS):
         overfits = (pooling, width) != ("avg", 7)
-        reports = [curve(pooling, width, e, overfits) for e in range(1, EPOCHS + 1)]
+        reports = [change(pooling, width, curve(pooling, width, e, overfits)) for e in range(1, EPOCHS + 1)]
         folder, trial_id = write_trial(experiment, index, seed_params(pooling, width), reports)
         statuses[folder.name] = (trial_id, "TERMINATED")
     write_state(experiment, statuses)
-    (experiment / "tune_cnn.json").write_text(json.dumps(SEED_METADATA))
+    (experiment / "tune_cnn.json").write_text(json.dumps(metadata))
     return experiment
+
+
+@pytest.fixture
+def seed_experiment(tmp_path: Path) -> Path:
+    return write_grid(tmp_path / "mini-seed")
 
 
 def hand_values(metric: str, epoch: int, pooling: str | None = None, width: int | None = None) -> list[float]:
@@ -239,6 +244,14 @@ def test_the_command_line_reports_a_bad_path_in_one_line_with_exit_code_2(tmp_pa
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("uri, says", [("foo://x/quick", "Unrecognized filesystem type"), ("s3://no-such-bucket/x", "cannot reach")])
+def test_a_location_that_cannot_be_opened_is_one_line_with_exit_code_2(uri: str, says: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:  # offline, s3 fails resolving the bucket's region; online, listing it
+        analysis.main([uri])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err and uri in err
+
+
 def test_a_file_uri_reads_like_a_local_path(seed_experiment: Path):
     df = analysis.load(seed_experiment.as_uri())
     assert len(df) == len(POOLINGS) * len(WIDTHS) * EPOCHS
@@ -352,6 +365,84 @@ def test_an_unbalanced_sweeps_difference_is_said_to_hold_the_other_settings_equa
     assert pooling.startswith(f"pooling: max vs avg differ by {row['difference'] * 100:+.1f} points with the other settings held equal (")
 
 
+def test_a_setting_confounded_with_another_gets_its_raw_difference_and_no_interval(tmp_path: Path):
+    experiment = tmp_path / "confounded"  # batch norm was on exactly where pooling was avg: no trial tells them apart
+    for index, (pooling, width) in enumerate((p, w) for p in POOLINGS for w in WIDTHS):
+        params = {**seed_params(pooling, width), "batch_norm": pooling == "avg"}
+        write_trial(experiment, index, params, [curve(pooling, width, e) for e in range(1, EPOCHS + 1)])
+    df = analysis.load(experiment)
+    effect_table = analysis.effects(df, ["pooling", "batch_norm", "conv_width"])
+    table = effect_table.set_index("setting")
+    for name in ("pooling", "batch_norm"):
+        row = table.loc[name]
+        assert not row["separable"] and row["difference"] == pytest.approx(row["mean_b"] - row["mean_a"])
+        assert math.isnan(row["low"]) and math.isnan(row["high"]) and row["within_noise"] is None
+    widths = table.loc["conv_width"]
+    assert widths["separable"].all() and np.isfinite(widths[["low", "high"]].to_numpy(float)).all()
+    lines = analysis.findings(df, effect_table, analysis.importance(df, ["pooling"]), analysis.diagnose(df))
+    pooling = next(line for line in lines if line.startswith("pooling:"))
+    assert pooling.startswith(f"pooling: max vs avg differ by {table.at['pooling', 'difference'] * 100:+.1f} points in their means (")
+    assert "cannot separate" in pooling and "held equal" not in pooling and "interval" not in pooling
+
+
+def test_with_fewer_trials_than_the_model_has_values_only_separable_differences_are_estimated(tmp_path: Path):
+    experiment = tmp_path / "three"  # the reviewer's case: optuna's first trials, each differing in several settings
+    for index, (pooling, width) in enumerate([("max", 3), ("avg", 5), ("max", 7)]):
+        write_trial(experiment, index, seed_params(pooling, width), [curve(pooling, width, e) for e in range(1, EPOCHS + 1)])
+    table = analysis.effects(analysis.load(experiment), ["pooling", "conv_width"])
+    separable = {(r.setting, r.value_a, r.value_b): r.separable for r in table.itertuples()}
+    # avg only ever ran with width 5: only 3 vs 7, both with max pooling, is a difference with the rest held equal
+    assert separable == {("pooling", "avg", "max"): False, ("conv_width", 3, 5): False, ("conv_width", 3, 7): True,
+                         ("conv_width", 5, 7): False}
+    widths = table.set_index(["value_a", "value_b"]).loc[(3, 7)]
+    assert widths["difference"] == pytest.approx(curve("max", 7, EPOCHS)["val_acc"] - curve("max", 3, EPOCHS)["val_acc"])
+    assert (table["difference"] == table["mean_b"] - table["mean_a"])[~table["separable"]].all()
+
+
+def test_a_setting_named_twice_counts_once(seed_experiment: Path, tmp_path: Path):
+    df = analysis.load(seed_experiment)
+    pd.testing.assert_frame_equal(analysis.effects(df, ["pooling", "pooling"]), analysis.effects(df, ["pooling"]))
+    assert analysis.importance(df, ["pooling", "pooling"])["setting"].tolist() == ["pooling"]
+    analysis.main([str(seed_experiment), "--by", "pooling", "pooling", "--out", str(tmp_path / "out")])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.count("### By pooling") == 1 and report.count("- pooling: max vs avg differ by +0.5 points (") == 1
+
+
+def test_a_val_loss_sweep_ranks_explains_and_reports_val_loss(tmp_path: Path):
+    experiment = write_grid(tmp_path / "by-loss", {**SEED_METADATA, "metric": "val_loss", "mode": "min"})
+    df = analysis.load(experiment)
+    # Each trial's lowest val_loss: 0.7 at epoch 3, but 0.4 at epoch 6 for (avg, 7), which does not overfit.
+    ranking = analysis.importance(df).set_index("setting")["variance_share"]
+    assert ranking.to_dict() == {"conv_width": pytest.approx(0.4), "pooling": pytest.approx(0.2)}  # on val_acc: 0.95 and 0.01
+    pooling = analysis.effects(df).set_index("setting").loc["pooling"]
+    assert (pooling["mean_b"], pooling["mean_a"], pooling["difference"]) == (pytest.approx(0.7), pytest.approx(0.6), pytest.approx(0.1))
+    report = (analysis.write_analysis(experiment) / "report.md").read_text()
+    best = analysis.best_trials(df).iloc[0]
+    assert f"Best trial: **{best['trial_id']}** (pooling=avg, conv_width=7): val_loss 0.4 at epoch 6." in report
+    assert "Importance (share of the variance in val_loss across trials each setting explains alone): conv_width 40.0%, pooling 20.0%." in report
+    assert "- pooling: max vs avg differ by +0.1 (0.7 vs 0.6 mean val_loss, 3 and 3 trials), within noise (95% interval " in report
+
+
+def test_a_swept_seed_is_replication_not_a_setting(tmp_path: Path):
+    experiment = tmp_path / "replicates"
+    for index, (pooling, seed) in enumerate((p, s) for p in POOLINGS for s in (0, 1, 2)):
+        reports = [{**curve(pooling, 3, e), "val_acc": curve(pooling, 3, e)["val_acc"] + 0.02 * (seed - 1)} for e in range(1, EPOCHS + 1)]
+        write_trial(experiment, index, {**seed_params(pooling, 3), "seed": seed}, reports)
+    (experiment / "tune_cnn.json").write_text(json.dumps({**SEED_METADATA, "swept": ["pooling", "seed"]}))
+    df = analysis.load(experiment)
+    effect_table = analysis.effects(df)
+    assert effect_table["setting"].tolist() == ["pooling"] and analysis.importance(df)["setting"].tolist() == ["pooling"]
+    # The replicates' spread is the noise: +-0.02 around each pooling's mean, on 6 - 2 degrees of freedom.
+    row = effect_table.iloc[0]
+    assert row["difference"] == pytest.approx(curve("max", 3, EPOCHS)["val_acc"] - curve("avg", 3, EPOCHS)["val_acc"])
+    assert row["high"] - row["difference"] == pytest.approx(2.776 * math.sqrt(4 * 0.02 ** 2 / 4) * math.sqrt(2 / 3), rel=1e-3)
+    folder = analysis.write_analysis(experiment)
+    report = (folder / "report.md").read_text()
+    assert "- seed:" not in report and "### By seed" not in report and "seed 0.0%" not in report and not (folder / "summary_seed.csv").exists()
+    assert "seed (0, 1, 2) repeats each combination" in report
+    assert sorted(pd.read_csv(folder / "trials.csv")["seed"]) == [0, 0, 1, 1, 2, 2]  # per trial, seed stays
+
+
 # --- Exports, plots and report -----------------------------------------------------------------------------
 
 
@@ -384,6 +475,98 @@ def test_write_analysis_writes_tables_plots_and_a_report(seed_experiment: Path):
     assert sorted(p.name for p in folder.glob("summary_*")) == ["summary_epoch.csv", "summary_pooling.csv"]
     assert sorted(p.name for p in folder.glob("by_*")) == ["by_epoch.png", "by_pooling.png"]
     assert "Overfitting: 5 of 6 trials" in report and "lowest at epoch 3.5 on average" in report
+
+
+DIVERGED = ("avg", 5)
+
+
+def diverge(how: str) -> Callable[[str, int, dict], dict]:
+    """A change for write_grid: the (avg, 5) trial diverged, as SGD with lr 50 does. Its loss becomes NaN (or
+    infinite) and, its outputs NaN, it predicts one class: accuracy at chance (or NaN)."""
+    def change(pooling: str, width: int, report: dict) -> dict:
+        if (pooling, width) != DIVERGED or (how == "inf from epoch 3" and report["epoch"] < 3):
+            return report
+        loss, accuracy = (math.inf if how == "inf from epoch 3" else math.nan), (math.nan if how == "nan accuracy" else 0.1)
+        return {**report, **{f"{split}_loss": loss for split in ("train", "val", "test")},
+                **{f"{split}_acc": accuracy for split in ("train", "val", "test")}}
+    return change
+
+
+@pytest.mark.parametrize("metric, how", [("val_acc", "nan loss"), ("val_loss", "nan accuracy"), ("val_loss", "inf from epoch 3")])
+def test_a_diverged_trial_is_reported_and_the_whole_analysis_is_written(tmp_path: Path, metric: str, how: str):
+    metadata = {**SEED_METADATA, "metric": metric, "mode": "max" if metric == "val_acc" else "min"}
+    experiment = write_grid(tmp_path / "diverged", metadata, diverge(how))
+    analysis.main([str(experiment)])
+    folder = experiment / "analysis"
+    for name in ("learning_curves", "by_pooling", "by_conv_width", "by_epoch", "effects"):
+        assert_png(folder / f"{name}.png")
+    df = analysis.load(experiment)
+    diverged = df.loc[(df["pooling"] == DIVERGED[0]) & (df["conv_width"] == DIVERGED[1]), "trial_id"].iloc[0]
+    diagnosis = pd.read_csv(folder / "trials.csv").set_index("trial_id")
+    assert diagnosis["diverged"].to_dict() == {t: t == diverged for t in diagnosis.index}
+    best_epoch = diagnosis.at[diverged, "best_epoch"]  # none where val_loss never was a number
+    assert best_epoch == 2 if how == "inf from epoch 3" else math.isnan(best_epoch)
+    report = (folder / "report.md").read_text()
+    assert f"- Diverged (validation loss NaN or infinite at the last epoch): {diverged}." in report
+    best = analysis.best_trials(df)
+    assert best["trial_id"].iloc[0] != diverged and np.isfinite(best[metric]).all()
+    assert f"Best trial: **{best['trial_id'].iloc[0]}**" in report
+    values = analysis.trial_values(df, metric)
+    # Its best epoch by a metric that is never a number does not exist: only then is the trial left out.
+    assert (diverged in values.index) == (how != "nan accuracy") and np.isfinite(values[metric]).all()
+    assert np.isfinite(pd.read_csv(folder / "effects.csv")[["difference", "low", "high"]].to_numpy()).all()
+    assert np.isfinite(pd.read_csv(folder / "importance.csv")["variance_share"]).all()
+
+
+def test_when_every_trial_diverged_the_report_says_so(tmp_path: Path):
+    metadata = {**SEED_METADATA, "metric": "val_loss", "mode": "min"}
+    experiment = write_grid(tmp_path / "all-diverged", metadata, lambda p, w, report: {**report, "val_loss": math.nan, "val_acc": 0.1})
+    analysis.main([str(experiment)])
+    report = (experiment / "analysis" / "report.md").read_text()
+    assert "No trial has a val_loss that is a number: there are no best trials, effects or importance." in report
+    assert "Diverged (validation loss NaN or infinite at the last epoch): " in report and "lowest at epoch" not in report
+    assert not (experiment / "analysis" / "effects.png").exists()
+    assert_png(experiment / "analysis" / "learning_curves.png")
+
+
+def test_a_rerun_replaces_every_file_an_earlier_analysis_wrote_and_keeps_the_rest(seed_experiment: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    analysis.write_analysis(seed_experiment, out=out)
+    (out / "notes.md").write_text("mine")
+    single = tmp_path / "single"  # nothing swept: no groupings but by epoch, no effects plot
+    write_trial(single, 0, {**seed_params("max", 3), "epochs": 2}, [curve("max", 3, e) for e in (1, 2)])
+    analysis.write_analysis(single, out=out)
+    assert sorted(p.name for p in out.iterdir()) == ["by_epoch.png", "effects.csv", "importance.csv", "learning_curves.png", "notes.md",
+                                                     "report.md", "results.csv", "results.parquet", "summary_epoch.csv", "trials.csv"]
+
+
+def test_by_changes_the_groupings_not_the_effects_or_importance(seed_experiment: Path, tmp_path: Path):
+    whole = analysis.write_analysis(seed_experiment, out=tmp_path / "whole")
+    grouped = analysis.write_analysis(seed_experiment, out=tmp_path / "by", by=["conv_width"])
+    for name in ("effects.csv", "importance.csv"):
+        assert (grouped / name).read_text() == (whole / name).read_text()
+    assert not (grouped / "summary_pooling.csv").exists() and (grouped / "summary_conv_width.csv").exists()
+
+
+def test_one_trial_reads_as_one_without_a_spread(tmp_path: Path):
+    experiment = tmp_path / "single"
+    write_trial(experiment, 0, {**seed_params("max", 3), "epochs": 2}, [curve("max", 3, e) for e in (1, 2)])
+    report = (analysis.write_analysis(experiment) / "report.md").read_text()
+    assert "1 trial: 1 finished." in report
+    assert "| 2 | 1 | 60.0% | 54.9% | 0.800 |" in report and "±" not in report  # the spread of one value is undefined
+
+
+def test_the_analysis_goes_to_an_out_uri(seed_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    out = (tmp_path / "elsewhere").as_uri()
+    analysis.main([str(seed_experiment), "--out", out])
+    assert capsys.readouterr().out.strip() == f"analysis: {out}"
+    assert_png(tmp_path / "elsewhere" / "effects.png")
+    with pytest.raises(SystemExit) as exit_:
+        analysis.main([str(seed_experiment), "--out", "s3://no-such-bucket/x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: cannot reach s3://no-such-bucket/x") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "mini-seed"]  # not a folder named s3: here
 
 
 def test_each_plot_has_its_panels(seed_experiment: Path):

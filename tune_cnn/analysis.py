@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import io
 import itertools
 import json
@@ -44,6 +45,9 @@ MAX_LEVELS = 6
 OVERFIT_RISE = 0.05
 PANELS = (("train_acc", "training accuracy (%)"), ("val_acc", "validation accuracy (%)"), ("val_loss", "validation loss (cross-entropy)"))
 BEST_ROWS = 5
+# Every file an analysis writes; a rerun into the same folder removes those it does not write again.
+ANALYSIS_FILES = ("results.csv", "results.parquet", "report.md", "trials.csv", "effects.csv", "importance.csv", "summary_*.csv",
+                  "learning_curves.png", "effects.png", "by_*.png")
 
 
 class AnalysisError(TuneCnnError):
@@ -63,14 +67,21 @@ class Storage:
 
     @classmethod
     def open(cls, location: str | Path) -> Storage:
+        import pyarrow
         import pyarrow.fs
 
         text = str(location)
-        if "://" in text:
+        if "://" not in text:
+            local = Path(text).expanduser().resolve()
+            return cls(pyarrow.fs.LocalFileSystem(), local.as_posix(), str(local))
+        try:
             fs, root = pyarrow.fs.FileSystem.from_uri(text)
-            return cls(fs, root.rstrip("/"), text.rstrip("/"))
-        local = Path(text).expanduser().resolve()
-        return cls(pyarrow.fs.LocalFileSystem(), local.as_posix(), str(local))
+        except pyarrow.ArrowInvalid as error:  # a scheme pyarrow has no file system for, or a malformed URI
+            raise AnalysisError(f"cannot open {text} ({_first_line(error)}); give a local folder or a URI such as "
+                                f"s3://BUCKET/PATH, gs://BUCKET/PATH or file:///PATH") from None
+        except OSError as error:  # s3:// asks for the bucket's region here
+            raise unreachable(text, error) from None
+        return cls(fs, root.rstrip("/"), text.rstrip("/"))
 
     def kind(self, relative: str = "") -> str:
         import pyarrow.fs
@@ -94,14 +105,26 @@ class Storage:
         except (FileNotFoundError, OSError):
             return None
 
-    def upload(self, local: Path, relative: str) -> None:
+    def upload(self, local: Path, relative: str = "") -> None:
         import pyarrow.fs
 
         self.fs.create_dir(self._path(relative), recursive=True)
         pyarrow.fs.copy_files(str(local), self._path(relative), destination_filesystem=self.fs)
 
+    def delete(self, relative: str) -> None:
+        self.fs.delete_file(self._path(relative))
+
     def _path(self, relative: str) -> str:
         return posixpath.join(self.root, relative) if relative else self.root
+
+
+def unreachable(location: str, error: OSError) -> AnalysisError:
+    """Cloud storage that does not answer (no such bucket, no network) or refuses these credentials."""
+    return AnalysisError(f"cannot reach {location} ({_first_line(error)}); check the URI, the network and the credentials")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 @dataclass
@@ -124,6 +147,13 @@ class ExperimentContext:
     incomplete: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def factors(self) -> list[str]:
+        """The swept settings whose effects the analysis estimates and groups by. A swept `seed` is not one:
+        each trial's seed is a hash of all its settings, so seed values are replicates, and their spread is
+        the trial-to-trial noise."""
+        return [name for name in self.swept if name != "seed"]
+
 
 def load(path: str | Path) -> pd.DataFrame:
     """One row per trial per reported epoch: trial_id, status, epoch, every setting, every metric.
@@ -133,10 +163,13 @@ def load(path: str | Path) -> pd.DataFrame:
     status for every trial that has not finished, or whose settings could not be read (it has no rows).
     """
     storage = Storage.open(path)
-    files, folders = _experiment_listing(storage)
+    try:
+        files, folders = _experiment_listing(storage)
+        states = _trial_states(storage, files)
+        records = {name: _read_trial(storage, name, states.get(name)) for name in folders}
+    except OSError as error:  # a bucket that refuses these credentials, or a network lost while reading
+        raise unreachable(storage.location, error) from None
     metadata = json.loads(storage.read_text(METADATA_FILE) or "{}") if METADATA_FILE in files else {}
-    states = _trial_states(storage, files)
-    records = {name: _read_trial(storage, name, states.get(name)) for name in folders}
     trials = [t for t in records.values() if t is not None]
     frame = _tidy_frame(trials)
     # Ray knows trials that never wrote params.json: queued ones, and ones whose worker failed to start.
@@ -400,8 +433,15 @@ def select_rows(df: pd.DataFrame, at: At = "epochs", at_epochs: Sequence[int] | 
     if at == "best":
         ctx = context(df)
         pick = "idxmax" if ctx.mode == "max" else "idxmin"
-        return df.loc[getattr(df.groupby("trial_id")[ctx.metric], pick)().dropna()]
+        # A diverged trial's NaN or infinite values are no best: one that has no other has no best epoch, no row.
+        finite = df[_finite(df[ctx.metric])]
+        return finite.loc[getattr(finite.groupby("trial_id")[ctx.metric], pick)()]
     raise AnalysisError(f"at '{at}' is unknown; use epochs, last or best")
+
+
+def _finite(values: pd.Series) -> pd.Series:
+    """Where a metric is a number: a diverged trial reports NaN (or infinite) losses."""
+    return pd.Series(np.isfinite(values.to_numpy(float)), index=values.index)
 
 
 def snapshot_epochs(df: pd.DataFrame, at_epochs: Sequence[int] | None = None) -> list[int]:
@@ -434,53 +474,77 @@ def grouping_levels(df: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
 
 def diagnose(df: pd.DataFrame, at_epochs: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per trial: its swept settings, best epoch by validation loss, the generalisation gap
-    (train_acc - val_acc) at each snapshot epoch, and whether it overfitted: validation loss ended more
-    than OVERFIT_RISE above its minimum while training accuracy kept rising past that epoch."""
+    (train_acc - val_acc) at each snapshot epoch, whether it diverged (validation loss NaN or infinite at its
+    last epoch; its best epoch is the best before that, none if there is none) and whether it overfitted:
+    validation loss ended more than OVERFIT_RISE above its minimum while training accuracy kept rising past
+    that epoch."""
     ctx = context(df)
     epochs = snapshot_epochs(df, at_epochs)
     rows = []
     for trial_id, trial in df.sort_values("epoch").groupby("trial_id", sort=True):
-        best = trial.loc[trial["val_loss"].idxmin()]
+        finite = trial[_finite(trial["val_loss"])]
+        best = finite.loc[finite["val_loss"].idxmin()] if len(finite) else pd.Series(np.nan, index=trial.columns)
         last = trial.iloc[-1]
+        diverged = not np.isfinite(last["val_loss"])
         gaps = trial.set_index("epoch").reindex(epochs)
         rows.append({
             "trial_id": trial_id, "status": last["status"], **{s: last[s] for s in ctx.swept},
-            "last_epoch": int(last["epoch"]), "best_epoch": int(best["epoch"]), "min_val_loss": best["val_loss"],
+            "last_epoch": int(last["epoch"]), "best_epoch": best["epoch"], "min_val_loss": best["val_loss"],
             "val_acc_at_best_epoch": best["val_acc"], "final_val_acc": last["val_acc"],
             **{f"gap_at_{e}": gaps.at[e, "train_acc"] - gaps.at[e, "val_acc"] for e in epochs},
-            "overfitting": bool(last["val_loss"] > best["val_loss"] * (1 + OVERFIT_RISE) and last["train_acc"] > best["train_acc"]),
+            "diverged": diverged,
+            "overfitting": bool(not diverged and last["val_loss"] > best["val_loss"] * (1 + OVERFIT_RISE)
+                                and last["train_acc"] > best["train_acc"]),
         })
-    return pd.DataFrame(rows)
+    diagnosis = pd.DataFrame(rows)
+    return diagnosis.astype({"best_epoch": "Int64"}) if rows else diagnosis  # whole epochs, or none for a trial that had none
 
 
 def trial_values(df: pd.DataFrame, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
-    """One row per trial with `metric` at its best (by the sweep's metric) or last epoch."""
+    """One row per trial with `metric` at its best (by the sweep's metric) or last epoch; a trial whose `metric`
+    there is not a number (it diverged) is left out."""
     if at == "epochs":
         raise AnalysisError("effects and importance need one value per trial; use at='best' or at='last'")
-    return select_rows(df.dropna(subset=[metric]), at).set_index("trial_id")
+    rows = select_rows(df, at)
+    return rows[_finite(rows[metric])].set_index("trial_id")
 
 
-def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
-    """For each pair of values of each setting: the mean `metric` of each, and the difference (b - a) with
-    its 95% interval from an additive model of all the settings (see AdditiveModel): in a balanced grid the
-    difference of the two means, otherwise adjusted for the other settings. An interval that spans 0 means
-    the difference is within trial-to-trial noise; NaN bounds (and within_noise None) mean too few trials to tell."""
-    settings = list(settings if settings is not None else context(df).swept)
-    _check_columns(df, settings)
-    trials = grouping_levels(trial_values(df, metric, at), settings)
+def effects(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str | None = None, at: At = "best") -> pd.DataFrame:
+    """For each pair of values of each setting (default: the swept ones but a swept seed, see
+    ExperimentContext.factors): the mean `metric` (default: the sweep's) of each, and the difference (b - a)
+    with its 95% interval from an additive model of all the settings (see AdditiveModel): in a balanced grid
+    the difference of the two means, otherwise adjusted for the other settings. An interval that spans 0 means
+    the difference is within trial-to-trial noise; NaN bounds (and within_noise None) mean too few trials to
+    tell. Where the trials cannot separate the setting from the others (separable False), the difference is
+    that of the two means, without an interval. `attrs["metric"]` names the metric."""
+    metric, settings, trials = _trial_table(df, settings, metric, at)
     model = AdditiveModel.fit(trials, settings, metric)
     rows = []
     for name in settings:
         groups = {value: group[metric].to_numpy() for value, group in trials.groupby(name, sort=True)}
         for (a, xa), (b, xb) in itertools.combinations(groups.items(), 2):
-            difference, half_width = model.contrast(name, a, b)
+            estimate = model.contrast(name, a, b)
+            difference, half_width = estimate or (xb.mean() - xa.mean(), math.nan)
             rows.append({
                 "setting": name, "value_a": a, "value_b": b, "n_a": len(xa), "n_b": len(xb),
                 "mean_a": xa.mean(), "mean_b": xb.mean(), "difference": difference,
                 "low": difference - half_width, "high": difference + half_width,
                 "within_noise": None if math.isnan(half_width) else bool(abs(difference) <= half_width),
+                "separable": estimate is not None,
             })
-    return pd.DataFrame(rows, columns=["setting", "value_a", "value_b", "n_a", "n_b", "mean_a", "mean_b", "difference", "low", "high", "within_noise"])
+    table = pd.DataFrame(rows, columns=["setting", "value_a", "value_b", "n_a", "n_b", "mean_a", "mean_b", "difference", "low", "high",
+                                        "within_noise", "separable"])
+    table.attrs["metric"] = metric
+    return table
+
+
+def _trial_table(df: pd.DataFrame, settings: Sequence[str] | None, metric: str | None, at: At) -> tuple[str, list[str], pd.DataFrame]:
+    """What effects and importance work on: the metric, the settings (each once) and one row per trial."""
+    ctx = context(df)
+    metric = metric or ctx.metric
+    settings = list(dict.fromkeys(settings if settings is not None else ctx.factors))  # a setting named twice is one setting
+    _check_columns(df, [*settings, metric])
+    return metric, settings, grouping_levels(trial_values(df, metric, at), settings)
 
 
 @dataclass
@@ -497,6 +561,7 @@ class AdditiveModel:
     coefficients: np.ndarray
     covariance: np.ndarray
     residual_df: int
+    row_space: np.ndarray  # projects a contrast onto the combinations of the trials' rows
 
     @classmethod
     def fit(cls, trials: pd.DataFrame, settings: Sequence[str], metric: str) -> AdditiveModel:
@@ -507,14 +572,22 @@ class AdditiveModel:
         coefficients = np.linalg.lstsq(x, y, rcond=None)[0]
         residual_df = len(y) - int(np.linalg.matrix_rank(x))
         variance = ((y - x @ coefficients) ** 2).sum() / residual_df if residual_df > 0 else math.nan
-        return cls(columns, coefficients, np.linalg.pinv(x.T @ x) * variance, residual_df)
+        return cls(columns, coefficients, np.linalg.pinv(x.T @ x) * variance, residual_df, np.linalg.pinv(x) @ x)
 
-    def contrast(self, setting: str, a: Any, b: Any) -> tuple[float, float]:
-        """The difference b - a and the half width of its 95% interval (NaN without residual degrees of freedom)."""
+    def contrast(self, setting: str, a: Any, b: Any) -> tuple[float, float] | None:
+        """The difference b - a and the half width of its 95% interval (NaN without residual degrees of freedom).
+
+        None where the trials cannot separate it from the other settings' effects: a value that only ever ran
+        together with a value of another setting, or fewer trials than the model has values. Many fits are then
+        equally good, and lstsq's choice among them (the smallest coefficients) says nothing about the setting.
+        The difference is estimable where its weights are a combination of the trials' rows.
+        """
         weights = np.zeros(len(self.coefficients))
         for value, sign in ((b, 1.0), (a, -1.0)):
             if (setting, value) in self.columns:
                 weights[1 + self.columns.index((setting, value))] += sign
+        if not np.allclose(weights @ self.row_space, weights, atol=1e-6):
+            return None
         difference = float(weights @ self.coefficients)
         if self.residual_df < 1:
             return difference, math.nan
@@ -533,21 +606,22 @@ def t_critical(df: float, level: float = 0.95) -> float:
     return math.sqrt(df) * math.tan(float(np.interp(level, cumulative / cumulative[-1], theta)))
 
 
-def importance(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str = "val_acc", at: At = "best") -> pd.DataFrame:
-    """Settings ranked by the share of the variance in `metric` across trials that each explains alone
-    (eta squared: between-group over total sum of squares); the rest is interactions and noise."""
-    settings = list(settings if settings is not None else context(df).swept)
-    _check_columns(df, settings)
-    trials = grouping_levels(trial_values(df, metric, at), settings)
+def importance(df: pd.DataFrame, settings: Sequence[str] | None = None, metric: str | None = None, at: At = "best") -> pd.DataFrame:
+    """Settings (default: the swept ones but a swept seed) ranked by the share of the variance in `metric`
+    (default: the sweep's) across trials that each explains alone (eta squared: between-group over total sum
+    of squares); the rest is interactions and noise. No rows where no trial has a value; `attrs["metric"]`
+    names the metric."""
+    metric, settings, trials = _trial_table(df, settings, metric, at)
     values = trials[metric]
     total = ((values - values.mean()) ** 2).sum()
     shares = {}
-    for name in settings:
+    for name in settings if len(trials) else []:
         means = trials.groupby(name)[metric].transform("mean")
         shares[name] = ((means - values.mean()) ** 2).sum() / total if total > 0 else 0.0
     table = pd.DataFrame({"setting": list(shares), "variance_share": list(shares.values())})
     table = table.sort_values("variance_share", ascending=False, ignore_index=True)
     table["rank"] = np.arange(1, len(table) + 1)
+    table.attrs["metric"] = metric
     return table
 
 
@@ -564,8 +638,10 @@ def _pyplot():
 
 
 def _scaled(metric: str, values: pd.Series | np.ndarray) -> np.ndarray:
-    """Accuracies in percent, as people read them; losses as they are."""
-    return np.asarray(values, dtype=float) * (100 if metric.endswith("_acc") else 1)
+    """Accuracies in percent, as people read them; losses as they are; a diverged trial's infinite values as
+    NaN, which plots leave out."""
+    values = np.asarray(values, dtype=float) * (100 if metric.endswith("_acc") else 1)
+    return np.where(np.isfinite(values), values, np.nan)
 
 
 def _label(value: Any) -> str:
@@ -581,7 +657,7 @@ def _colours(values: Sequence[Any]) -> dict[Any, Any]:
 def plot_learning_curves(df: pd.DataFrame, colour_by: str | None = None) -> Any:
     """Training and validation accuracy and validation loss per epoch, a line per trial, coloured by a setting."""
     plt = _pyplot()
-    colour_by = colour_by or next(iter(context(df).swept), None)
+    colour_by = colour_by or next(iter(context(df).factors), None)
     frame = grouping_levels(df, [colour_by] if colour_by else [])
     levels = sorted(frame[colour_by].unique(), key=str) if colour_by else [None]
     colours = _colours(levels)
@@ -596,7 +672,8 @@ def plot_learning_curves(df: pd.DataFrame, colour_by: str | None = None) -> Any:
     if colour_by:
         handles = [plt.Line2D([], [], color=colours[v], label=f"{colour_by} = {_label(v)}") for v in levels]
         axes[-1].legend(handles=handles, title="colour", fontsize="small")
-    figure.suptitle(f"Learning curves: one line per trial ({df['trial_id'].nunique()} trials), coloured by {colour_by or 'nothing'}")
+    trials = _count(df["trial_id"].nunique(), "trial")
+    figure.suptitle(f"Learning curves: one line per trial ({trials}), coloured by {colour_by or 'nothing'}")
     return figure
 
 
@@ -615,7 +692,8 @@ def plot_grouped(df: pd.DataFrame, setting: str, at_epochs: Sequence[int] | None
         for i, epoch in enumerate(epochs):
             for j, level in enumerate(levels):
                 cell = rows[(rows["epoch"] == epoch) & ((rows[setting] == level) if level is not None else True)]
-                values = _scaled(metric, cell[metric].dropna())
+                values = _scaled(metric, cell[metric])
+                values = values[~np.isnan(values)]
                 if not len(values):
                     continue
                 x = i + (j - (len(levels) - 1) / 2) * width
@@ -629,30 +707,34 @@ def plot_grouped(df: pd.DataFrame, setting: str, at_epochs: Sequence[int] | None
     if setting != "epoch":
         handles = [plt.Rectangle((0, 0), 1, 1, color=colours[v], alpha=0.6, label=f"{setting} = {_label(v)}") for v in levels]
         axes[-1].legend(handles=handles, fontsize="small")
-    figure.suptitle(f"By {setting}: boxes over trials, one dot per trial ({df['trial_id'].nunique()} trials)")
+    figure.suptitle(f"By {setting}: boxes over trials, one dot per trial ({_count(df['trial_id'].nunique(), 'trial')})")
     return figure
 
 
-def plot_effects(effect_table: pd.DataFrame, importance_table: pd.DataFrame, metric: str = "val_acc") -> Any:
-    """Left: each difference in mean `metric` between two values of a setting, with its 95% interval.
-    Right: the share of variance each setting explains."""
+def plot_effects(effect_table: pd.DataFrame, importance_table: pd.DataFrame) -> Any:
+    """Left: each difference in the mean of effects()'s metric between two values of a setting, with its 95%
+    interval (a cross without one where the setting cannot be separated from the others). Right: the share of
+    variance each setting explains."""
     plt = _pyplot()
+    metric = effect_table.attrs.get("metric", "val_acc")
     unit = "points" if metric.endswith("_acc") else ""
     figure, (left, right) = plt.subplots(1, 2, figsize=(16, max(3.5, 0.45 * len(effect_table) + 2)), constrained_layout=True)
     labels = [f"{r.setting}: {_label(r.value_b)} vs {_label(r.value_a)}" for r in effect_table.itertuples()]
     y = np.arange(len(effect_table))[::-1]
     difference = _scaled(metric, effect_table["difference"])
     errors = np.abs(_scaled(metric, effect_table[["low", "high"]].to_numpy().T) - difference)
-    for row, noise in enumerate(effect_table["within_noise"]):
-        left.errorbar(difference[row], y[row], xerr=np.nan_to_num(errors[:, row : row + 1]), fmt="o", capsize=4,
-                      color="tab:grey" if noise else "tab:blue")
+    for row, (noise, separable) in enumerate(zip(effect_table["within_noise"], effect_table["separable"])):
+        left.errorbar(difference[row], y[row], xerr=np.nan_to_num(errors[:, row : row + 1]) if separable else None,
+                      fmt="o" if separable else "x", capsize=4, color="tab:grey" if noise else "tab:blue" if separable else "tab:red")
     left.axvline(0, color="black", linewidth=0.8)
     left.set_yticks(y, labels)
-    left.set(title=f"Effect of each setting on {metric} (95% interval; grey: within noise)",
+    left.set(title=f"Effect of each setting on {metric} (95% interval; grey: within noise;\n"
+                   "red cross: not separable from the other settings, the difference of the means)",
              xlabel=f"difference in mean {metric} at each trial's best epoch ({unit or metric})")
     left.grid(alpha=0.3, axis="x")
     right.barh(importance_table["setting"][::-1], 100 * importance_table["variance_share"][::-1], color="tab:blue")
-    right.set(title=f"Importance: share of the variance in {metric} across trials", xlabel="variance explained by the setting alone (%)", xlim=(0, 100))
+    right.set(title=f"Importance: share of the variance in {importance_table.attrs.get('metric', metric)} across trials",
+              xlabel="variance explained by the setting alone (%)", xlim=(0, 100))
     right.grid(alpha=0.3, axis="x")
     return figure
 
@@ -708,6 +790,8 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _cell(value: Any) -> str:
+    if value is pd.NA or (isinstance(value, float) and math.isnan(value)):  # no value, such as a diverged trial's best epoch
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -717,6 +801,20 @@ def _percent(value: float) -> str:
 
 def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
+
+
+def _value(metric: str, value: float) -> str:
+    """A metric as people read it: accuracies in percent, losses to 4 significant digits."""
+    return _percent(value) if metric.endswith("_acc") else _cell(float(value))
+
+
+def _change(metric: str, value: float) -> str:
+    """A difference in a metric: accuracies in percentage points, losses as they are."""
+    return _points(value) if metric.endswith("_acc") else f"{value:+.3g}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def best_trials(df: pd.DataFrame, rows: int = BEST_ROWS) -> pd.DataFrame:
@@ -731,39 +829,69 @@ def grouped_table(summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     table = summary[list(keys)].copy()
     table["trials"] = summary["val_acc_count"]
     for metric, scale, unit in (("train_acc", 100, "%"), ("val_acc", 100, "%"), ("val_loss", 1, "")):
-        means, stds = summary[f"{metric}_mean"] * scale, summary[f"{metric}_std"].fillna(0) * scale
-        table[metric] = [f"{m:.1f} ± {s:.1f}{unit}" if unit else f"{m:.3f} ± {s:.3f}" for m, s in zip(means, stds)]
+        means, stds = summary[f"{metric}_mean"] * scale, summary[f"{metric}_std"] * scale
+        table[metric] = [_mean_and_spread(m, s, 1 if unit else 3) + unit for m, s in zip(means, stds)]
     return table
 
 
+def _mean_and_spread(mean: float, std: float, digits: int) -> str:
+    """'mean ± std'; the mean alone for one trial, whose spread is undefined (NaN); '-' where no trial has a value."""
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if not math.isnan(std) else "")
+
+
 def findings(df: pd.DataFrame, effect_table: pd.DataFrame, importance_table: pd.DataFrame, diagnosis: pd.DataFrame) -> list[str]:
-    """The seed's conclusions, computed: one plain sentence each."""
+    """The seed's conclusions, computed: one plain sentence each, in the metric each table was computed on."""
     ctx = context(df)
-    lines = [_effect_sentence(r) for r in effect_table.itertuples()]
+    lines = [_effect_sentence(r, effect_table.attrs.get("metric", ctx.metric)) for r in effect_table.itertuples()]
     if len(importance_table):
         ranking = ", ".join(f"{r.setting} {_percent(r.variance_share)}" for r in importance_table.itertuples())
-        lines.append(f"Importance (share of the variance in {ctx.metric} across trials each setting explains alone): {ranking}.")
-    overfit = diagnosis["overfitting"].sum()
+        metric = importance_table.attrs.get("metric", ctx.metric)
+        lines.append(f"Importance (share of the variance in {metric} across trials each setting explains alone): {ranking}.")
+    diverged = diagnosis.loc[diagnosis["diverged"], "trial_id"].tolist()
+    if diverged:
+        lines.append(f"Diverged (validation loss NaN or infinite at the last epoch): {', '.join(diverged)}.")
+    lowest = diagnosis["best_epoch"].dropna()  # none in a trial that diverged at once
     lines.append(
-        f"Overfitting: {overfit} of {len(diagnosis)} trials (validation loss rose more than {OVERFIT_RISE:.0%} above its minimum "
-        f"while training accuracy kept rising); validation loss was lowest at epoch {diagnosis['best_epoch'].mean():.1f} on average."
+        f"Overfitting: {diagnosis['overfitting'].sum()} of {len(diagnosis)} trials (validation loss rose more than {OVERFIT_RISE:.0%} "
+        f"above its minimum while training accuracy kept rising)"
+        + (f"; validation loss was lowest at epoch {lowest.mean():.1f} on average." if len(lowest) else ".")
     )
-    gaps = [f"{_points(diagnosis[f'gap_at_{e}'].mean())} points at epoch {e}" for e in ctx.snapshot_epochs if f"gap_at_{e}" in diagnosis]
+    gaps = [f"{_points(diagnosis[f'gap_at_{e}'].mean())} points at epoch {e}" for e in ctx.snapshot_epochs
+            if f"gap_at_{e}" in diagnosis and diagnosis[f"gap_at_{e}"].notna().any()]
     if gaps:
         lines.append("Generalisation gap (training minus validation accuracy, mean over trials): " + ", ".join(gaps) + ".")
     return lines
 
 
-def _effect_sentence(row: Any) -> str:
+def _effect_sentence(row: Any, metric: str) -> str:
     a, b = _label(row.value_a), _label(row.value_b)
-    means = f"{_percent(row.mean_b)} vs {_percent(row.mean_a)} mean val_acc, {row.n_b} and {row.n_a} trials"
+    unit = " points" if metric.endswith("_acc") else ""
+    means = f"{_value(metric, row.mean_b)} vs {_value(metric, row.mean_a)} mean {metric}, {row.n_b} and {row.n_a} trials"
+    if not row.separable:
+        return (f"{row.setting}: {b} vs {a} differ by {_change(metric, row.difference)}{unit} in their means ({means}); these trials "
+                f"cannot separate {row.setting} from the other settings (it changed only together with them, or there are too few "
+                f"trials), so the difference may be theirs.")
     # In an unbalanced sweep (optuna, ASHA, an interrupted grid) the model's difference is not that of the means.
     adjusted = " with the other settings held equal" if not math.isclose(row.difference, row.mean_b - row.mean_a, abs_tol=1e-9) else ""
-    differ = f"{row.setting}: {b} vs {a} differ by {_points(row.difference)} points{adjusted} ({means})"
+    differ = f"{row.setting}: {b} vs {a} differ by {_change(metric, row.difference)}{unit}{adjusted} ({means})"
     if math.isnan(row.low):
         return f"{differ}; too few trials to tell noise from effect."
     verdict = "within noise" if row.within_noise else "larger than the trial-to-trial noise"
-    return f"{differ}, {verdict} (95% interval {_points(row.low)} to {_points(row.high)})."
+    return f"{differ}, {verdict} (95% interval {_change(metric, row.low)} to {_change(metric, row.high)})."
+
+
+def _best_lines(df: pd.DataFrame) -> list[str]:
+    """The best trial in a sentence, then the top trials' table."""
+    ctx = context(df)
+    best = best_trials(df)
+    if best.empty:  # every trial diverged
+        return [f"No trial has a {ctx.metric} that is a number: there are no best trials, effects or importance.", ""]
+    top = best.iloc[0]
+    settings = f" ({', '.join(f'{s}={_label(top[s])}' for s in ctx.swept)})" if ctx.swept else ""
+    return [f"Best trial: **{top['trial_id']}**{settings}: {ctx.metric} {_value(ctx.metric, top[ctx.metric])} at epoch {top['epoch']}.",
+            "", _markdown_table(_readable(best)), ""]
 
 
 def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect_table: pd.DataFrame,
@@ -772,22 +900,19 @@ def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect
     statuses = df.groupby("trial_id")["status"].first().value_counts()
     counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
     meta = ctx.metadata
+    seeds = ", ".join(map(_label, sorted(df["seed"].unique()))) if "seed" in ctx.swept else ""
+    replicates = f"; seed ({seeds}) repeats each combination: its spread is the trial-to-trial noise, not an effect" if seeds else ""
     lines = [
         f"# Analysis of {Path(ctx.experiment).name}",
         "",
-        f"Experiment: `{ctx.experiment}`. {df['trial_id'].nunique()} trials: {counts}."
+        f"Experiment: `{ctx.experiment}`. {_count(df['trial_id'].nunique(), 'trial')}: {counts}."
         + (f" Search: {meta['search']}." if "search" in meta else "")
-        + f" Swept: {', '.join(ctx.swept) or 'nothing'}. Snapshot epochs: {', '.join(map(str, ctx.snapshot_epochs))}.",
+        + f" Swept: {', '.join(ctx.factors) or 'nothing'}{replicates}. Snapshot epochs: {', '.join(map(str, ctx.snapshot_epochs))}.",
     ]
     if ctx.incomplete:
         lines += ["", "**Incomplete trials:** " + ", ".join(f"{t} ({s})" for t, s in ctx.incomplete.items()) + "."]
-    best = best_trials(df)
-    top = best.iloc[0]
-    settings = "".join(f" ({', '.join(f'{s}={_label(top[s])}' for s in ctx.swept)})" if ctx.swept else "")
     lines += [
-        "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "",
-        f"Best trial: **{top['trial_id']}**{settings}: {ctx.metric} {_readable(best)[ctx.metric].iloc[0]} at epoch {top['epoch']}.", "",
-        _markdown_table(_readable(best)), "", "## Findings", "",
+        "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "", *_best_lines(df), "## Findings", "",
         *[f"- {line}" for line in findings(df, effect_table, importance_table, diagnosis)],
         "", f"![Effects]({plots['effects']})" if "effects" in plots else "",
         "", "## Grouped views at the snapshot epochs", "",
@@ -803,62 +928,71 @@ def report_markdown(df: pd.DataFrame, summaries: dict[str, pd.DataFrame], effect
 # --- Writing the analysis folder ---------------------------------------------------------------------------
 
 
-def write_analysis(experiment: str | Path, out: Path | None = None, by: list[str] | None = None,
+def write_analysis(experiment: str | Path, out: str | Path | None = None, by: list[str] | None = None,
                    at_epochs: list[int] | None = None, plotters: Executor | None = None) -> Path | str:
     """Write results, summaries, plots and report.md; return the folder (EXPERIMENT/analysis by default).
 
-    An experiment on cloud storage gets its analysis written locally first, then copied next to it.
-    With `plotters` (processes, such as `sweep.plot_workers`), the plots are drawn there, all at once.
+    An analysis bound for cloud storage (`out`, or the experiment's folder) is written locally first, then
+    copied there. With `plotters` (processes, such as `sweep.plot_workers`), the plots are drawn there, all at once.
     """
     return analyse_into(load(experiment), experiment, out, by, at_epochs, plotters)
 
 
-def analyse_into(df: pd.DataFrame, experiment: str | Path, out: Path | None = None, by: list[str] | None = None,
+def analyse_into(df: pd.DataFrame, experiment: str | Path, out: str | Path | None = None, by: list[str] | None = None,
                  at_epochs: list[int] | None = None, plotters: Executor | None = None) -> Path | str:
     """write_analysis for an experiment already loaded as `df`."""
-    storage = Storage.open(experiment)
-    local = out is not None or "://" not in str(experiment)
-    target = Path(out) if out is not None else (Path(storage.location) / "analysis" if local else f"{storage.location}/analysis")
+    location = str(out) if out is not None else f"{Storage.open(experiment).location}/analysis"
+    target = Storage.open(location)  # a URI that does not answer fails here, before any work
     try:
-        if local:
-            _write_files(df, target, by, at_epochs, plotters)
-            return target
+        if "://" not in location:
+            _remove_stale(target, _write_files(df, Path(target.root), by, at_epochs, plotters))
+            return Path(target.location)
         with tempfile.TemporaryDirectory(prefix="tune_cnn_analysis_") as folder:
-            _write_files(df, Path(folder), by, at_epochs, plotters)
-            storage.upload(Path(folder), "analysis")
-        return target
+            written = _write_files(df, Path(folder), by, at_epochs, plotters)
+            target.upload(Path(folder))
+        _remove_stale(target, written)
+        return target.location
     except OSError as error:  # a read-only or full disk, or a bucket without write access
-        raise AnalysisError(f"cannot write the analysis to {target} ({error.strerror or error}); choose a writable folder with --out") from None
+        raise AnalysisError(f"cannot write the analysis to {location} ({error.strerror or error}); choose a writable folder with --out") from None
 
 
 def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs: list[int] | None,
-                 plotters: Executor | None) -> None:
-    settings = list(by) if by is not None else context(df).swept
+                 plotters: Executor | None) -> set[str]:
+    """Write the analysis into `folder`; return the names of the files written. `by` chooses the groupings
+    only: effects and importance always cover the swept settings (ExperimentContext.factors)."""
+    groupings = list(dict.fromkeys(by)) if by is not None else context(df).factors  # a setting named twice is one grouping
     if len(df):  # a bad --by or --epochs fails before anything is written
-        _check_settings(df, settings)
+        _check_settings(df, groupings)
         snapshot_epochs(df, at_epochs)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*folder.glob("summary_*.csv"), *folder.glob("by_*.png")]:  # an earlier analysis's groupings, --by another
-        stale.unlink()
     df.to_csv(folder / "results.csv", index=False)
     df.to_parquet(folder / "results.parquet", index=False)
+    written = {"results.csv", "results.parquet", "report.md"}
     if df.empty:
         (folder / "report.md").write_text(f"# Analysis of {context(df).experiment}\n\nNo trial has reported a result yet.\n")
-        return
-    summaries = {key: summarize(df, key, at_epochs) for key in [*settings, "epoch"]}
-    for key, summary in summaries.items():
-        summary.to_csv(folder / f"summary_{key}.csv", index=False)
+        return written
+    summaries = {key: summarize(df, key, at_epochs) for key in [*groupings, "epoch"]}
     diagnosis = diagnose(df, at_epochs)
-    effect_table, importance_table = effects(df, settings), importance(df, settings)
-    diagnosis.to_csv(folder / "trials.csv", index=False)
-    effect_table.to_csv(folder / "effects.csv", index=False)
-    importance_table.to_csv(folder / "importance.csv", index=False)
+    effect_table, importance_table = effects(df), importance(df)
+    tables = {"trials.csv": diagnosis, "effects.csv": effect_table, "importance.csv": importance_table,
+              **{f"summary_{key}.csv": summary for key, summary in summaries.items()}}
+    for name, table in tables.items():
+        table.to_csv(folder / name, index=False)
     drawings = {key: (f"by_{key}.png", plot_grouped, (df, key, at_epochs)) for key in summaries}
-    drawings["learning_curves"] = ("learning_curves.png", plot_learning_curves, (df, next(iter(settings), None)))
+    drawings["learning_curves"] = ("learning_curves.png", plot_learning_curves, (df, next(iter(groupings), None)))
     if len(effect_table):
         drawings["effects"] = ("effects.png", plot_effects, (effect_table, importance_table))
     plots = _draw(drawings, folder, plotters)
     (folder / "report.md").write_text(report_markdown(df, summaries, effect_table, importance_table, diagnosis, plots))
+    return written | set(tables) | set(plots.values())
+
+
+def _remove_stale(target: Storage, written: set[str]) -> None:
+    """Delete the files an earlier analysis wrote into the folder and this one did not (another --by's groupings,
+    an effects plot this sweep has no effects for), so that none contradicts the report; other files stay."""
+    for name in target.listing()[0]:
+        if name not in written and any(fnmatch.fnmatchcase(name, pattern) for pattern in ANALYSIS_FILES):
+            target.delete(name)
 
 
 # --- Command line ------------------------------------------------------------------------------------------
@@ -867,9 +1001,9 @@ def _write_files(df: pd.DataFrame, folder: Path, by: list[str] | None, at_epochs
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m tune_cnn.analysis", description="Analyse a sweep: tables, findings, plots and report.md.")
     parser.add_argument("experiment", help="the experiment folder (STORAGE/NAME), local or a URI such as s3://bucket/path/name")
-    parser.add_argument("--by", nargs="+", default=None, metavar="SETTING", help="settings to group by (default: the swept settings)")
+    parser.add_argument("--by", nargs="+", default=None, metavar="SETTING", help="settings to group by (default: the swept settings but seed)")
     parser.add_argument("--epochs", nargs="+", type=int, default=None, metavar="EPOCH", help="snapshot epochs (default: the sweep's checkpoint epochs)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: EXPERIMENT/analysis)")
+    parser.add_argument("--out", default=None, help="output folder, local or a URI such as s3://bucket/path (default: EXPERIMENT/analysis)")
     return parser.parse_args(argv)
 
 
