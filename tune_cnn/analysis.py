@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
-from tune_cnn.errors import CommandParser, TuneCnnError, exit_on_user_error
+from tune_cnn.errors import CommandParser, TuneCnnError, exit_on_user_error, first_line
 
 METADATA_FILE = "tune_cnn.json"
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
@@ -77,7 +77,7 @@ class Storage:
         try:
             fs, root = pyarrow.fs.FileSystem.from_uri(text)
         except pyarrow.ArrowInvalid as error:  # a scheme pyarrow has no file system for, or a malformed URI
-            raise AnalysisError(f"cannot open {text} ({_first_line(error)}); give a local folder or a URI such as "
+            raise AnalysisError(f"cannot open {text} ({first_line(error)}); give a local folder or a URI such as "
                                 f"s3://BUCKET/PATH, gs://BUCKET/PATH or file:///PATH") from None
         except OSError as error:  # s3:// asks for the bucket's region here
             raise unreachable(text, error) from None
@@ -120,11 +120,7 @@ class Storage:
 
 def unreachable(location: str, error: OSError) -> AnalysisError:
     """Cloud storage that does not answer (no such bucket, no network) or refuses these credentials."""
-    return AnalysisError(f"cannot reach {location} ({_first_line(error)}); check the URI, the network and the credentials")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
+    return AnalysisError(f"cannot reach {location} ({first_line(error)}); check the URI, the network and the credentials")
 
 
 @dataclass

@@ -10,7 +10,6 @@ import hashlib
 import os
 import pickle
 import tarfile
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 
 from tune_cnn.config import InputShape
-from tune_cnn.errors import DataError
+from tune_cnn.errors import DataError, write_probe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
@@ -189,7 +188,7 @@ def cache_folder(cache_dir: Path, part: str) -> Path:
     folder = cache_dir / part
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".probe_", dir=folder))
+        write_probe(folder)
     except OSError as error:
         raise DataError(f"cache folder {folder} cannot be written ({error.strerror}); set TUNE_CNN_CACHE to a writable "
                         f"folder") from None

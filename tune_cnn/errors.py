@@ -29,6 +29,17 @@ class StorageError(TuneCnnError):
     """The experiment's storage cannot be written (permissions, a full disk, a bucket without access)."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line, for a one-line error that quotes its cause."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def write_probe(folder: Path) -> None:
+    """Make a folder in `folder` and remove it; an OSError where that fails. Permission bits alone miss read-only
+    file systems and root's limits (/sys)."""
+    os.rmdir(tempfile.mkdtemp(prefix=".tune_cnn_probe_", dir=folder))
+
+
 def nearest_existing(path: Path) -> Path:
     """The path itself or its nearest parent that exists: what decides whether a folder can be made there."""
     return next(p for p in (path, *path.parents) if p.exists())
@@ -40,8 +51,8 @@ def check_folder_can_be_made(folder: Path, label: str, fix: str) -> None:
     nearest = nearest_existing(folder)
     if not nearest.is_dir():
         raise ConfigError(f"{label}: {nearest} is a file; {fix}")
-    try:  # a folder made and removed: permission bits alone miss read-only file systems and root's limits (/sys)
-        os.rmdir(tempfile.mkdtemp(prefix=".tune_cnn_probe_", dir=nearest))
+    try:
+        write_probe(nearest)
     except OSError:
         raise ConfigError(f"{label}: {nearest} is not writable; {fix}") from None
 

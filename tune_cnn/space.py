@@ -146,8 +146,7 @@ class SearchSpace:
         for combo in itertools.product(*options):
             settings = {**self.fixed, **dict(zip(names, combo))}
             try:
-                model = TrainConfig.from_flat(settings).model
-                model.check_fits(shape)
+                TrainConfig.from_flat(settings).model.check_fits(shape)
             except ConfigError as error:
                 keys = ", ".join(f"{n}={v}" for n, v in zip(names, combo)) or "the fixed settings"
                 raise ConfigError(f"{self.source}: {keys}: {error}") from None
@@ -407,6 +406,11 @@ def _candidate_values(values: Values) -> list[Any]:
     return values.probes() if isinstance(values, Distribution) else list(values)
 
 
+def _ends(values: list[Any]) -> list[Any]:
+    """The first two and the last two of a setting's values, each once."""
+    return list(dict.fromkeys(values[:2] + values[-2:]))
+
+
 def _check_trials(fail: _Failer, space: SearchSpace) -> None:
     """Settings can be valid alone and clash together (batch_norm with batch_size 1): every grid trial must make a
     valid config, and in an Optuna space every pair of swept settings, each at its values or its range's ends."""
@@ -414,7 +418,7 @@ def _check_trials(fail: _Failer, space: SearchSpace) -> None:
         for trial in space.grid_trials():
             _typed(fail, "space", trial)
         return
-    ends = {name: list(dict.fromkeys(_candidate_values(values)[:2] + _candidate_values(values)[-2:])) for name, values in space.space.items()}
+    ends = {name: _ends(_candidate_values(values)) for name, values in space.space.items()}
     first = {name: values[0] for name, values in ends.items()}
     for a, b in itertools.combinations(ends, 2):
         for pair in itertools.product(ends[a], ends[b]):

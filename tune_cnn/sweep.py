@@ -29,7 +29,7 @@ import yaml
 
 from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
 from tune_cnn.data import DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, check_folder_can_be_made, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, check_folder_can_be_made, exit_on_user_error, first_line
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 
 PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     experiment = Experiment(args.storage, space.name if args.name is None else args.name)
     metadata = sweep_metadata(space, data)
     if args.dry_run:
-        exists = experiment.exists()  # storage that cannot be reached is one line, before the listing
-        if args.resume:
+        if args.resume:  # storage that cannot be reached, or a resume that would fail, is one line before the listing
             experiment.check(resume=True, metadata=metadata)
+        exists = not args.resume and experiment.exists()
         print(describe_trials(space, data))
-        if exists and not args.resume:
+        if exists:
             print(f"notice: experiment {experiment.path} already exists; the run needs --resume to continue it, or another --name")
         return 0
     experiment.check(resume=args.resume, metadata=metadata)
@@ -271,8 +271,7 @@ class Experiment:
 
     def _unreachable(self, error: OSError) -> StorageError:
         """Cloud storage that does not answer, or refuses these credentials."""
-        cause = (str(error).splitlines() or [type(error).__name__])[0]
-        return StorageError(f"cannot reach the experiment folder {self.path} ({cause}); check --storage, the network and the credentials")
+        return StorageError(f"cannot reach the experiment folder {self.path} ({first_line(error)}); check --storage, the network and the credentials")
 
     def read_metadata(self) -> dict[str, Any] | None:
         from tune_cnn.analysis import METADATA_FILE

@@ -29,7 +29,7 @@ from torch import nn
 
 from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import Arrays, DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error, first_line
 from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
@@ -135,8 +135,7 @@ def load_weights(model: nn.Module, optimizer: FusedOptimizer, checkpoint: Mappin
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"the checkpoint's weights do not fit its model ({first}); pass a checkpoint written by train or a sweep") from None
+        raise ConfigError(f"the checkpoint's weights do not fit its model ({first_line(error)}); pass a checkpoint written by train or a sweep") from None
 
 
 def check_no_other_run(folder: Path) -> None:
@@ -624,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         check_resumable(config, resume)
         check_epochs_left(config, resume)
-    resolve_device(config.device)  # a GPU that is not there, before the data loads
+    device = resolve_device(config.device)  # a GPU that is not there, before the data loads
     reporter = LocalCheckpoints(args.checkpoints) if args.checkpoints else print_report
     if args.checkpoints and not (resume and continues_in(args.checkpoints, args.resume)):
         check_no_other_run(args.checkpoints)
@@ -637,8 +636,8 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(f"{error} (resuming a checkpoint that trained on {shape.describe()}, subset {split['subset']}: "
                         f"pass the --data it trained on)") from None
     print(data.describe(), flush=True)
-    if resume and trained_on(resume) != resolve_device(config.device).type:
-        print(f"note: the checkpoint trained on {trained_on(resume)} and this run is on {resolve_device(config.device).type}: "
+    if resume and trained_on(resume) != device.type:
+        print(f"note: the checkpoint trained on {trained_on(resume)} and this run is on {device.type}: "
               f"the shuffle starts afresh, so the epochs will not repeat the original run's numbers exactly", flush=True)
     train(config, data, reporter, resume)
 
