@@ -67,7 +67,7 @@ def test_benchmark_times_every_pipeline_and_writes_well_formed_figures(tmp_path)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the broken variant asks for a GPU that is missing")
 def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
     def with_a_broken_variant(config, device, keys):  # as a GPU or torch without some feature would
-        return {"engine": (config, {}), "engine, broken": (dataclasses.replace(config, device="cuda"), {})}
+        return {"engine": config, "engine, broken": dataclasses.replace(config, device="cuda")}
 
     monkeypatch.setattr(bench, "engine_variants", with_a_broken_variant)
     plan = Plan(TrainConfig(batch_size=16), images=64, rounds=1, workers=0)
@@ -77,13 +77,11 @@ def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
     assert "engine, broken" in format_table(figures) and "failed: ConfigError" in format_table(figures)
 
 
-def test_each_cuda_variant_is_a_config_and_the_engines_options():
-    variants = bench.engine_variants(TrainConfig(), torch.device("cuda"), ["graph", "graph-bf16-copies", "graph-gather"])
+def test_each_cuda_variant_is_a_config():
+    variants = bench.engine_variants(TrainConfig(), torch.device("cuda"), ["graph", "graph-fp32"])
     graph = dataclasses.replace(TrainConfig(), compile=False, cuda_graph=True)
-    assert variants == {"engine, whole-step CUDA graph": (graph, {}),
-                        "engine, whole-step CUDA graph, bf16 weight copies": (dataclasses.replace(graph, precision="bf16"), {"bf16_weight_copies": True}),
-                        "engine, whole-step CUDA graph, batches gathered into it": (graph, {"gather_into_graph": True})}
-    assert bench.engine_variants(TrainConfig(), torch.device("cpu"), ["graph"]) == {"engine": (TrainConfig(), {})}
+    assert variants == {"engine, whole-step CUDA graph": graph, "engine, whole-step CUDA graph, fp32": dataclasses.replace(graph, precision="fp32")}
+    assert bench.engine_variants(TrainConfig(), torch.device("cpu"), ["graph"]) == {"engine": TrainConfig()}
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path, capsys):

@@ -17,7 +17,7 @@ from conftest import CUDA, make_image_folder, synthetic_splits
 from tune_cnn.data import load_data
 from tune_cnn.config import TrainConfig
 from tune_cnn.errors import ConfigError
-from tune_cnn.train import (CHECKPOINT_FILE, Bf16Weights, EpochTotals, LocalCheckpoints, augment_batch, build_engine, load_checkpoint,
+from tune_cnn.train import (CHECKPOINT_FILE, Bf16Weights, EpochTotals, LocalCheckpoints, StepGraph, augment_batch, build_engine, load_checkpoint,
                             normalise_pixels, pixel_normalisation, train, train_step)
 from tune_cnn.train import main as train_main
 
@@ -320,29 +320,48 @@ def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data, compile):
 
 
 @CUDA
-@pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "dropout": 0.3}])
-def test_bf16_weight_copies_train_in_the_cuda_graph_as_autocast_alone(small_data, settings):
-    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "precision": "bf16", **settings})
+@pytest.mark.parametrize("settings", [{}, {"batch_norm": True}])
+def test_the_bf16_cuda_graph_runs_on_weight_copies_and_trains_as_the_eager_engine(small_data, settings):
+    """Without dropout, whose masks the graph draws from other offsets of the generator than eager steps do. Dropout
+    on the weight copies: test_cuda_graph_replays_every_full_batch_after_warm_up, and bit for bit on the CPU."""
+    base = {"batch_size": 64, "device": "cuda", "precision": "bf16", **settings}
     runs = []
-    for weight_copies in (False, True):
-        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std, bf16_weight_copies=weight_copies)
+    for graph in (False, True):
+        engine = build_engine(TrainConfig.from_flat({**base, "cuda_graph": graph}), small_data.shape, small_data.mean, small_data.std)
         data = engine.put(small_data.train)
         runs.append([engine.train_epoch(data) for _ in range(3)])
-        assert isinstance(engine.graph.forward, Bf16Weights) == weight_copies and engine.graph.replays == 3 * 9 - 3
+    assert isinstance(engine.graph.forward, Bf16Weights) and engine.graph.replays == 3 * 9 - 3
     for (loss_a, acc_a), (loss_b, acc_b) in zip(*runs):
-        assert loss_b == pytest.approx(loss_a, rel=1e-2) and abs(acc_a - acc_b) <= 0.02
+        assert loss_b == pytest.approx(loss_a, rel=2e-2) and abs(acc_a - acc_b) <= 0.03
+    assert runs[1][-1][0] < runs[1][0][0] / 2
+
+
+@CUDA
+@pytest.mark.parametrize("settings", [{"precision": "fp32"}, {"compile": True}])
+def test_the_cuda_graph_keeps_the_model_itself_in_fp32_or_compiled(small_data, settings):
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, **settings})
+    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+    assert engine.graph.forward is engine.step
 
 
 @CUDA
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_batches_gathered_into_the_cuda_graph_train_bit_for_bit_as_copied_in(small_data, precision):
+def test_batches_gathered_into_the_cuda_graph_train_bit_for_bit_as_copied_in(small_data, precision, monkeypatch):
+    """With cuDNN's deterministic algorithms: its default fp32 ones made two runs of the same graph differ in the
+    fifth digit of the loss on an H100."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "precision": precision, "dropout": 0.3})
+
+    def copied_in(graph: StepGraph, data, index):
+        graph.step(data.x[index], data.y[index])
+
     runs = []
-    for gather in (False, True):
-        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std, gather_into_graph=gather)
+    for step_at in (StepGraph.step_at, copied_in):
+        monkeypatch.setattr(StepGraph, "step_at", step_at)
+        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
         data = engine.put(small_data.train)
         runs.append([engine.train_epoch(data) for _ in range(3)])
-        assert engine.graph.gathers == gather and engine.graph.replays == 3 * 9 - 3
+        assert engine.graph.replays == 3 * 9 - 3
     assert runs[0] == runs[1]  # the same batches into the same captured step
 
 

@@ -6,8 +6,8 @@ In one run it times (a) the reference pipeline written the way Ray Tune's and Py
 write it (a Dataset that turns each uint8 image into a PIL image, then ToTensor and Normalize, a DataLoader
 with worker processes, one model step per batch, the loss read back every step), in a plain process of its own
 as a tutorial script runs; (b) tune_cnn's engine (tune_cnn.train's own train_epoch; on CUDA each of its
-variants: eager, torch.compile's CUDA graphs, the whole-step CUDA graph in bf16 and fp32, that graph around
-torch.compile's kernels, and that graph's step on bf16 weight copies); and (c) N concurrent engine trials in N processes. Reference and engine alternate
+variants: eager, torch.compile's CUDA graphs, the whole-step CUDA graph in bf16 and fp32, and that graph around
+torch.compile's kernels); and (c) N concurrent engine trials in N processes. Reference and engine alternate
 round by round, so a busy machine slows both alike. It measures the device's matrix rate and prints the floor:
 the model's training FLOPs per image over that rate. On a GPU it also times the `seed` space's six trials as
 plain processes, and with Ray there the whole `seed` sweep.
@@ -234,28 +234,22 @@ def own_cpu_seconds() -> float:
 
 
 GRAPH = {"compile": False, "cuda_graph": True}
-VARIANTS = {  # on CUDA: name in the table -> the settings that make it, and build_engine's options
-    "eager": ("engine, eager", {"compile": False, "cuda_graph": False}, {}),
-    "compile": ("engine, torch.compile (CUDA graphs)", {"compile": True, "cuda_graph": False}, {}),
-    "graph": ("engine, whole-step CUDA graph", GRAPH, {}),
-    "graph-fp32": ("engine, whole-step CUDA graph, fp32", {**GRAPH, "precision": "fp32"}, {}),
-    "graph-compile": ("engine, CUDA graph + torch.compile", {"compile": True, "cuda_graph": True}, {}),
-    # Not yet measured, so not the engine's default: train.Bf16Weights and StepGraph.step_at.
-    "graph-bf16-copies": ("engine, whole-step CUDA graph, bf16 weight copies", {**GRAPH, "precision": "bf16"}, {"bf16_weight_copies": True}),
-    "graph-gather": ("engine, whole-step CUDA graph, batches gathered into it", GRAPH, {"gather_into_graph": True}),
-    "graph-bf16-copies-gather": ("engine, whole-step CUDA graph, bf16 weight copies, batches gathered into it",
-                                 {**GRAPH, "precision": "bf16"}, {"bf16_weight_copies": True, "gather_into_graph": True}),
+VARIANTS = {  # on CUDA: name in the table -> the settings that make it
+    "eager": ("engine, eager", {"compile": False, "cuda_graph": False}),
+    "compile": ("engine, torch.compile (CUDA graphs)", {"compile": True, "cuda_graph": False}),
+    "graph": ("engine, whole-step CUDA graph", GRAPH),
+    "graph-fp32": ("engine, whole-step CUDA graph, fp32", {**GRAPH, "precision": "fp32"}),
+    "graph-compile": ("engine, CUDA graph + torch.compile", {"compile": True, "cuda_graph": True}),
 }
-EngineVariant = tuple[TrainConfig, dict[str, Any]]  # a config and build_engine's options
 
 
-def engine_variants(config: TrainConfig, device: torch.device, keys: Sequence[str] | None = None) -> dict[str, EngineVariant]:
+def engine_variants(config: TrainConfig, device: torch.device, keys: Sequence[str] | None = None) -> dict[str, TrainConfig]:
     """On CUDA the engine's ways to cut per-step overhead (`keys` of VARIANTS, default all), each timed;
     elsewhere the engine as configured."""
     if device.type != "cuda":
-        return {engine_label(config, device): (config, {})}
+        return {engine_label(config, device): config}
     chosen = (VARIANTS[k] for k in (VARIANTS if keys is None else keys))
-    return {label: (dataclasses.replace(config, **settings), options) for label, settings, options in chosen}
+    return {label: dataclasses.replace(config, **settings) for label, settings in chosen}
 
 
 def engine_label(config: TrainConfig, device: torch.device) -> str:
@@ -277,9 +271,9 @@ def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays, folder: Path
     with ReferenceProcess(plan, data, save_sample(sample, folder)) as run_reference:
         runs = {reference: run_reference}
         timings = {reference: Timing(reference, len(sample), [], warmup_seconds=run_reference.warmup_seconds)}
-        for name, (variant, options) in engine_variants(plan.config, device, plan.variants).items():
+        for name, variant in engine_variants(plan.config, device, plan.variants).items():
             try:
-                runs[name] = engine_runner(variant, data, sample, warmup, **options)
+                runs[name] = engine_runner(variant, data, sample, warmup)
                 timings[name] = Timing(name, len(sample), [], warmup_seconds=runs[name]()[0])
             except Exception as error:  # noqa: BLE001 - reported with the figures
                 runs.pop(name, None)
@@ -360,10 +354,9 @@ def reference_process(settings: dict, shape: InputShape, mean, std, sample_file:
         results.put(repr(error))
 
 
-def engine_runner(config: TrainConfig, data: DataSplits, sample: Arrays, warmup: Arrays,
-                  **engine_options: Any) -> Callable[[], tuple[float, float | None]]:
+def engine_runner(config: TrainConfig, data: DataSplits, sample: Arrays, warmup: Arrays) -> Callable[[], tuple[float, float | None]]:
     """The first call warms up, later calls time one pass each."""
-    engine = build_engine(config, data.shape, data.mean, data.std, **engine_options)
+    engine = build_engine(config, data.shape, data.mean, data.std)
     on_device = iter([engine.put(warmup)])
     timed_data = engine.put(sample)
     return lambda: measured(lambda: engine.train_epoch(next(on_device, timed_data)), engine.device)
