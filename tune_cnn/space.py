@@ -20,6 +20,7 @@ import yaml
 from tune_cnn.config import MAX_SEED, MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig, float_text
 from tune_cnn.errors import ConfigError
 
+
 def _shipped_spaces() -> Path:
     """search_spaces/ beside the package in a checkout (and an editable install); where pip installed a wheel,
     the copy pyproject's data-files put under the environment's data path."""
