@@ -41,10 +41,12 @@ def curve(pooling: str, width: int, epoch: int, overfits: bool = True) -> dict[s
             "test_loss": val_loss + 0.01, "test_acc": val_acc - 0.01, "epoch_seconds": 2.0, "images_per_second": 500.0, "lr": 0.001}
 
 
-def write_trial(experiment: Path, index: int, params: dict, reports: list[dict], error: bool = False) -> tuple[Path, str]:
-    """One trial folder as Ray writes it; returns the folder and the trial id."""
+def write_trial(experiment: Path, index: int, params: dict, reports: list[dict], error: bool = False, made: str = "") -> tuple[Path, str]:
+    """One trial folder as Ray writes it, its name ending in the time it was `made` where given; returns the folder
+    and the trial id."""
     trial_id = f"abc12_{index:05d}"
     name = f"trainable_{trial_id}_{index}_" + ",".join(f"{k}={v}" for k, v in params.items() if k in ("pooling", "conv_width"))
+    name += f"_{made}" if made else ""
     folder = experiment / name
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(params))
@@ -215,6 +217,22 @@ def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):
     assert df.attrs["incomplete"] == {ids["stopped"]: "stopped early", ids["errored"]: "errored", ids["running"]: "running",
                                       ids["retrying"]: "running", "abc12_00098": "errored", "abc12_00099": "not started"}
     assert len(df) == sum(reported for reported, _, _ in plans.values())
+
+
+def test_a_trial_a_killed_driver_never_saved_is_lost_once_the_sweep_resumes(tmp_path: Path):
+    # The driver made the second trial after its last save, then was killed; the resumed driver does not know it.
+    experiment = tmp_path / "resumed"
+    saved, saved_id = write_trial(experiment, 0, seed_params("max", 3), [curve("max", 3, e) for e in (1, 2)], made="2026-01-01_00-00-00")
+    unsaved, unsaved_id = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)], made="2026-01-01_00-00-09")
+    write_state(experiment, {saved.name: (saved_id, "RUNNING")}, stamp="2026-01-01_00-00-00")
+    before_the_resume = analysis.load(experiment)
+    assert before_the_resume.attrs["incomplete"] == {saved_id: "running", unsaved_id: "running"}
+
+    write_state(experiment, {saved.name: (saved_id, "RUNNING")}, stamp="2026-01-01_00-01-00")  # the resumed driver's
+    _, new_id = write_trial(experiment, 2, seed_params("avg", 5), [curve("avg", 5, 1)], made="2026-01-01_00-01-00")  # not saved yet
+    df = analysis.load(experiment)
+    assert df.groupby("trial_id")["epoch"].max().to_dict() == {saved_id: 2, new_id: 1}
+    assert df.attrs["incomplete"] == {saved_id: "running", new_id: "running", unsaved_id: "lost when its driver was killed, not resumed"}
 
 
 def test_without_rays_state_an_error_file_means_errored(tmp_path: Path):

@@ -148,6 +148,9 @@ def test_a_killed_driver_resumes_optuna_without_rerunning_finished_trials(images
     """, "--max-concurrent", "1")
     kill_driver_then_resume(args, experiment, checkpoints=3)
     df = analysis.load(experiment)
+    # The driver may have made the next trial after its last save: the resumed one draws another in its place.
+    lost = [trial for trial, status in df.attrs["incomplete"].items() if status == analysis.LOST]
+    assert len(lost) <= 1 and len(df.attrs["incomplete"]) == len(lost), df.attrs["incomplete"]
     assert df["trial_id"].nunique() == samples, "Optuna drew more trials than the study's samples"
     assert set(df["status"]) == {"finished"} and epochs_per_trial(df) == [list(range(1, epochs + 1))] * samples
     # A study restarted from scratch would propose its first, seeded, learning rates again.

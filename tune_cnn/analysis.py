@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import posixpath
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ METADATA_FILE = "tune_cnn.json"
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
 FINISHED, STOPPED, ERRORED, RUNNING = "finished", "stopped early", "errored", "running"
 UNREADABLE = "settings unreadable"  # params.json and every checkpoint's copy cut short: left out of the rows
+LOST = "lost when its driver was killed, not resumed"  # see _is_lost: left out of the rows
 STATS = ("mean", "std", "count", "min", "max")
 At = Literal["epochs", "last", "best"]
 # A setting with more distinct numeric values than this (an Optuna range) is split at its median: groups of
@@ -156,28 +158,31 @@ def load(path: str | Path) -> pd.DataFrame:
 
     A restored trial reports some epochs twice; the latest report wins. `df.attrs` holds the experiment,
     the swept settings, the snapshot epochs, the sweep's metric and mode, and `incomplete`: trial id ->
-    status for every trial that has not finished, or whose settings could not be read (it has no rows).
+    status for every trial that has not finished, whose settings could not be read, or that a killed driver
+    lost (those two have no rows).
     """
     storage = Storage.open(path)
     try:
         files, folders = _experiment_listing(storage)
-        states = _trial_states(storage, files)
+        states, session = _trial_states(storage, files)
         records = {name: _read_trial(storage, name, states.get(name)) for name in folders}
     except OSError as error:  # a bucket that refuses these credentials, or a network lost while reading
         raise unreachable(storage.location, error) from None
     metadata = json.loads(storage.read_text(METADATA_FILE) or "{}") if METADATA_FILE in files else {}
-    trials = [t for t in records.values() if t is not None]
+    lost = {name for name in folders if _is_lost(name, states, session)}
+    trials = [t for name, t in records.items() if t is not None and name not in lost]
     frame = _tidy_frame(trials)
     # Ray knows trials that never wrote params.json: queued ones, and ones whose worker failed to start.
     unstarted = {trial_id: ERRORED if state == "ERROR" else "not started" for name, (trial_id, state) in states.items() if name not in folders}
-    unreadable = {states.get(name, (name,))[0]: UNREADABLE for name, record in records.items() if record is None}
+    unreadable = {states.get(name, (name,))[0]: UNREADABLE for name, record in records.items() if record is None and name not in lost}
+    lost_ids = {(records[name].trial_id if records[name] else name): LOST for name in sorted(lost)}
     context = ExperimentContext(
         experiment=storage.location,
         swept=list(metadata.get("swept") or _differing_settings(frame)),
         snapshot_epochs=_snapshot_epochs(frame, metadata),
         metric=metadata.get("metric", "val_acc"),
         mode=metadata.get("mode", "max"),
-        incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted, **unreadable},
+        incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted, **unreadable, **lost_ids},
         metadata=metadata,
     )
     frame.attrs = context.__dict__.copy()
@@ -211,17 +216,30 @@ def _is_state_file(name: str) -> bool:
     return name.startswith("experiment_state-") and name.endswith(".json")
 
 
-def _trial_states(storage: Storage, files: list[str]) -> dict[str, tuple[str, str]]:
-    """Trial folder -> (trial id, Ray's status) from the newest experiment state, {} where there is none."""
+def _trial_states(storage: Storage, files: list[str]) -> tuple[dict[str, tuple[str, str]], str | None]:
+    """Trial folder -> (trial id, Ray's status) from the newest experiment state, and the start of the driver's
+    session that wrote it (as in its name, 2026-11-27_08-51-13); {} and None where there is none."""
     newest = max((f for f in files if _is_state_file(f)), default=None)  # names end in a sortable timestamp
     if newest is None:
-        return {}
+        return {}, None
     try:
         trial_data = json.loads(storage.read_text(newest) or "{}")["trial_data"]
         trials = [json.loads(entry[0]) for entry in trial_data]
-        return {t["relative_logdir"]: (t["trial_id"], t["status"]) for t in trials}
+        states = {t["relative_logdir"]: (t["trial_id"], t["status"]) for t in trials}
     except (KeyError, TypeError, IndexError, ValueError):  # Ray's private format changed: read the trials alone
-        return {}
+        return {}, None
+    return states, newest.removeprefix("experiment_state-").removesuffix(".json")
+
+
+def _is_lost(folder: str, states: dict[str, tuple[str, str]], session: str | None) -> bool:
+    """A trial started by an earlier driver that was killed before it saved the trial in its state: the resumed
+    driver does not know the trial, so it never continues it, and a new trial took its place in the sweep.
+
+    Ray ends a trial folder's name with the time the trial was made, in its sessions' format. A folder the newest
+    state does not list but made after that session began is a new trial the running driver has not saved yet.
+    """
+    made = re.search(r"_(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)$", folder)
+    return bool(session and made and folder not in states and made.group(1) < session)
 
 
 def _read_trial(storage: Storage, folder: str, state: tuple[str, str] | None) -> TrialRecord | None:
