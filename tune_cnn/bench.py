@@ -45,7 +45,7 @@ from torchvision import transforms
 
 from tune_cnn.analysis import json_reports
 from tune_cnn.config import InputShape, TrainConfig
-from tune_cnn.data import Arrays, DataSplits, load_data, stratified_subset
+from tune_cnn.data import DATA_HELP, Arrays, DataSplits, load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, check_folder_can_be_made, exit_on_user_error
 from tune_cnn.models import build_model, training_flops_per_image
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, load_space
@@ -658,7 +658,7 @@ def result_path(folder: Path, figures: dict[str, Any], quick: bool) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m tune_cnn.bench", description="Time the tutorial pipeline against tune_cnn's engine.")
-    parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
+    parser.add_argument("--data", default=None, help=DATA_HELP)
     parser.add_argument("--quick", action="store_true", help="fewer images and passes: under two minutes on a 2-core CPU")
     parser.add_argument("--images", type=int, default=None, help="training images timed per pass (default the whole training split, 45,000 for CIFAR-10; 6,000 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="timed passes per pipeline, alternating (default 3; 2 with --quick)")

@@ -26,10 +26,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 TAR_COMPRESSION = {"gz": (".tar.gz", ".tgz"), "bz2": (".tar.bz2",), "xz": (".tar.xz",)}
 STATISTICS_CHUNK = 2048  # images per histogram step in channel_statistics: a few MB, reused from the heap
+ARCHIVES_TEXT = "/".join(ARCHIVE_SUFFIXES)
 CIFAR_URL_HINT = (
     "point --data (or TUNE_CNN_DATA) at a local copy: a cifar-10-batches-py folder, an image folder "
-    "with train/<class>/ and test/<class>/, or a .tar.gz/.zip of either"
+    f"with train/<class>/ and test/<class>/, or a {ARCHIVES_TEXT} of either"
 )
+DATA_HELP = f"cifar10 (default, or $TUNE_CNN_DATA), a folder, or a {ARCHIVES_TEXT}"
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
-from tune_cnn.data import DataSplits, load_data
+from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, check_folder_can_be_made, exit_on_user_error, first_line
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run a search space as a Ray Tune sweep. Spaces: " + ", ".join(space_names()) + ", or a YAML path.",
     )
     parser.add_argument("space", nargs="?", default="seed", help="a space name from search_spaces/ or a YAML file (default: seed)")
-    parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
+    parser.add_argument("--data", default=None, help=DATA_HELP)
     parser.add_argument("--storage", default=os.environ.get("TUNE_CNN_STORAGE", "./tune_results"),
                         help="experiments folder, or a URI such as s3://bucket/path (default: $TUNE_CNN_STORAGE, else ./tune_results)")
     parser.add_argument("--name", default=None, help="experiment name (default: the space's name)")

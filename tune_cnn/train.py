@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_cnn.config import MODEL_SETTINGS, SETTINGS, InputShape, TrainConfig
-from tune_cnn.data import Arrays, DataSplits, load_data
+from tune_cnn.data import DATA_HELP, Arrays, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error, first_line
 from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
@@ -583,7 +583,7 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast=nullc
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m tune_cnn.train", description="Train one config and print every epoch.")
-    parser.add_argument("--data", default=None, help="cifar10 (default, or $TUNE_CNN_DATA), a folder, or a .tar.gz/.zip")
+    parser.add_argument("--data", default=None, help=DATA_HELP)
     parser.add_argument("--subset", type=int, default=None, help="train on a stratified subset of N images")
     parser.add_argument("--checkpoints", type=Path, default=None, help="keep checkpoints in this folder")
     parser.add_argument("--resume", type=Path, default=None,
