@@ -97,11 +97,11 @@ def test_gpu_auto_packs_eight_trials_per_gpu_and_is_dropped_without_gpus():
 def test_numbers_written_as_yaml_reads_1e_3_are_numbers_everywhere(tmp_path: Path):
     # PyYAML reads 1e-3 as the string '1e-3' (a YAML float needs a dot); the space stores the float it means
     grid = load_space(write_space(tmp_path, """
-        fixed: {weight_decay: 5e-4, lr: 1}
+        fixed: {weight_decay: 5e-4, lr: 1, optimizer: sgd}
         space: {momentum: [0.5, 9e-1]}
     """, "grid.yaml"))
-    assert grid.fixed == {"weight_decay": 0.0005, "lr": 1.0} and grid.space["momentum"] == (0.5, 0.9)
-    assert all(type(v) is float for v in (*grid.fixed.values(), *grid.space["momentum"]))
+    assert grid.fixed == {"weight_decay": 0.0005, "lr": 1.0, "optimizer": "sgd"} and grid.space["momentum"] == (0.5, 0.9)
+    assert all(type(v) is float for v in (grid.fixed["weight_decay"], grid.fixed["lr"], *grid.space["momentum"]))
     optuna = load_space(write_space(tmp_path, """
         search: optuna
         scheduler: {type: asha, reduction_factor: 3e0}
@@ -171,6 +171,7 @@ BAD_SPACES = {
     "grace period past the end": ("fixed: {epochs: 3}\nscheduler: {type: asha, grace_period: 5}\n", r"scheduler\.grace_period: 5 is more than max_t 3"),
     "not a mapping": ("- pooling\n- conv_width\n", r"a search space is a YAML mapping"),
     "subset zero": ("subset: 0\n", r"subset: 0 is not allowed; use an integer >= 1"),
+    "momentum swept for adam only": ("space: {momentum: [0.0, 0.9]}\n", r"space\.momentum: every trial uses optimizer adam, which ignores momentum"),
 }
 
 
@@ -184,6 +185,13 @@ def test_bad_space_is_one_line_naming_file_and_key(tmp_path: Path, case: str):
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
     assert re.search(expected, message), message
+
+
+def test_momentum_swept_beside_adam_trials_is_a_notice(tmp_path: Path):
+    mixed = load_space(write_space(tmp_path, "space: {optimizer: [adam, sgd], momentum: [0.0, 0.9]}\n", "mixed.yaml"))
+    assert mixed.notices == ["notice: Adam ignores momentum: trials with optimizer adam that differ only in momentum train alike"]
+    sgd = load_space(write_space(tmp_path, "fixed: {optimizer: sgd}\nspace: {momentum: [0.0, 0.9]}\n", "sgd.yaml"))
+    assert sgd.notices == [] and load_space("seed").notices == []
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):

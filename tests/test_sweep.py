@@ -115,6 +115,12 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
                                                         f"the run needs --resume to continue it, or another --name")
 
 
+def test_dry_run_prints_the_spaces_notices(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    space = write_space(tmp_path, "space: {optimizer: [adam, sgd], momentum: [0.0, 0.9]}\n")
+    assert sweep.main([str(space), "--data", str(images), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "notice: Adam ignores momentum: trials with optimizer adam that differ only in momentum train alike"
+
+
 @pytest.mark.parametrize("storage, words", [
     ("s3://tune-cnn-test-no-such-bucket-7/results", "error: cannot reach the experiment folder s3://tune-cnn-test-no-such-bucket-7/results/quick ("),
     ("foo://bar", "error: --storage foo://bar is neither a folder nor a URI that pyarrow opens"),

@@ -152,6 +152,17 @@ class SearchSpace:
                 keys = ", ".join(f"{n}={v}" for n, v in zip(names, combo)) or "the fixed settings"
                 raise ConfigError(f"{self.source}: {keys}: {error}") from None
 
+    @property
+    def optimizers(self) -> set[str]:
+        return set(self._candidates("optimizer"))
+
+    @property
+    def notices(self) -> list[str]:
+        """What a user should know before the trials run, but that does not stop them."""
+        if "momentum" in self.space and "adam" in self.optimizers:
+            return ["notice: Adam ignores momentum: trials with optimizer adam that differ only in momentum train alike"]
+        return []
+
     def _candidates(self, name: str) -> list[Any]:
         if name in self.space:
             return list(_candidate_values(self.space[name]))
@@ -234,6 +245,7 @@ def build_space(path: Path, text: str, raw: Mapping[str, Any], overridden: set[s
         resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, subset=subset, seed=seed,
     )
     _check_trials(fail, result)
+    _check_momentum(fail, result)
     _check_cuda_devices(fail, result)
     return replace(result, scheduler=_scheduler(fail, raw.get("scheduler"), result.epochs))
 
@@ -387,6 +399,13 @@ def _typed(fail: _Failer, key: str, settings: Mapping[str, Any]) -> dict[str, An
     except ConfigError as error:
         fail(key, str(error))
     return {name: flat[name] for name in settings}
+
+
+def _check_momentum(fail: _Failer, space: SearchSpace) -> None:
+    """Adam ignores momentum: swept where every trial uses Adam, the sweep would train one model again and again."""
+    if "momentum" in space.space and space.optimizers == {"adam"}:
+        fail("space.momentum", "every trial uses optimizer adam, which ignores momentum, so these trials would train alike; "
+                               "add optimizer: sgd to fixed, or sweep optimizer too")
 
 
 def _check_cuda_devices(fail: _Failer, space: SearchSpace) -> None:

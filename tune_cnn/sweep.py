@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space, space_overrides(args))
     data = load_data(args.data, subset=space.subset, seed=space.seed)
     space.check_models(data.shape)
+    for notice in space.notices:
+        print(notice)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
     experiment = Experiment(args.storage, space.name if args.name is None else args.name)
