@@ -156,6 +156,29 @@ def test_archives_of_an_image_folder_extract_once_by_content(tmp_path, cache, su
     assert len([p for p in (cache / "extracted").iterdir() if p.is_dir()]) == 1
 
 
+def test_images_in_subfolders_of_a_class_folder_load_as_torchvision_finds_them(tmp_path, cache):
+    from torchvision.datasets import ImageFolder
+
+    root = make_image_folder(tmp_path / "nested")
+    flat_test = load_data(root, cache_dir=cache).test
+    for split in ("train", "test"):
+        cat = root / split / "cat"
+        images = sorted(cat.iterdir())[:3]
+        (cat / "indoor" / "sofa").mkdir(parents=True)
+        for index, image in enumerate(images):
+            image.rename(cat / ("indoor/sofa" if index % 2 else "indoor") / image.name)
+    counted = {split: len(ImageFolder(str(root / split))) for split in ("train", "test")}
+    hidden = root / "train" / "dog" / ".thumbnails"
+    hidden.mkdir()
+    Image.new("RGB", (20, 20)).save(hidden / "0000.png")  # a hidden folder's image, which ImageFolder would count
+    data = load_data(root, cache_dir=cache)
+    assert (len(data.train) + len(data.val), len(data.test)) == (counted["train"], counted["test"]) == (30, 12)
+    moved = [p.relative_to(root / "test" / "cat").as_posix() for p in data_module.class_images(root / "test" / "cat")]
+    assert moved == ["0003.png", "indoor/0000.png", "indoor/0002.png", "indoor/sofa/0001.png"]  # the order of their paths
+    cats = np.sort(flat_test.x[flat_test.y == 0].reshape(4, -1), axis=0)
+    assert np.array_equal(np.sort(data.test.x[data.test.y == 0].reshape(4, -1), axis=0), cats)
+
+
 def test_an_archive_made_by_macos_finder_loads(tmp_path, cache, capsys):
     folder = make_image_folder(tmp_path / "images")
     archive = make_archive(folder, tmp_path / "images.zip")
