@@ -387,7 +387,10 @@ def class_images(folder: Path) -> list[Path]:
 
 
 def _collect_images(folder: Path, below: str, found: list[tuple[str, Path]]) -> None:
-    with os.scandir(folder) as entries:  # tells folders from files without a stat per file: 50,000 take 0.2 s
+    # The folder is read twice: scandir tells folders from files without a stat per file, and iterdir makes the
+    # Paths. One scandir pass joining each name to the folder took 0.49 s for CIFAR-10's 50,000 training images,
+    # these two 0.23-0.34 s.
+    with os.scandir(folder) as entries:
         subfolders = {entry.name for entry in entries if entry.is_dir()}
     for path in folder.iterdir():
         if _hidden(path):
