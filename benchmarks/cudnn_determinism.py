@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import synthetic_splits  # noqa: E402 - the tests' data, after its folder is on the path
-from tune_cnn.config import TrainConfig  # noqa: E402
-from tune_cnn.train import build_engine  # noqa: E402
+from tune_cnn.config import TrainConfig
+from tune_cnn.engine import build_engine
+
+from conftest import synthetic_splits  # the tests' data, after its folder is on the path
 
 if not torch.cuda.is_available():
     print("cudnn_determinism.py: this machine has no CUDA GPU; run it where one is", file=sys.stderr)

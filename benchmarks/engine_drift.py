@@ -7,10 +7,10 @@ scaling that moved.
 """
 import torch
 
-from tune_cnn.bench import engine_runner
+from tune_cnn.bench.side_by_side import engine_runner
+from tune_cnn.config import TrainConfig
 from tune_cnn.data import load_data, stratified_subset
 from tune_cnn.errors import CommandParser, ConfigError, exit_on_user_error
-from tune_cnn.config import TrainConfig
 
 IMAGES = 3000
 

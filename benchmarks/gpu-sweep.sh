@@ -40,7 +40,7 @@ python3 -c "import sys; from tune_cnn.data import load_data; print(load_data(sys
 echo "gpu-sweep.sh: data cached after ${SECONDS} s"
 
 cuda_tests() {
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_optim.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_engine.py tests/test_optim.py -k cuda 2>&1 | tail -4 | tee "$out/cuda-tests.log"
     echo "gpu-sweep.sh: CUDA tests done after ${SECONDS} s"
 }
 [ "${TESTS:-yes}" = yes ] && cuda_tests
@@ -59,7 +59,7 @@ start_mps
 timeout $((150 * $(wc -w <<< "${SWEEPS:-this}"))) python3 - "$data" "$out/sweep.json" "${BASELINE:-}" ${SWEEPS:-this} <<'PY'
 import json, os, sys, tempfile
 from pathlib import Path
-from tune_cnn.bench import time_seed_sweep
+from tune_cnn.bench.sweeps import time_seed_sweep
 data, out, baseline, names = str(Path(sys.argv[1]).resolve()), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
 environment = dict(os.environ)
 runs = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure in one call on the lent GPU machine (no Ray or Optuna there, no internet):
 #   1. the CUDA tests (whole-step CUDA graph against the eager engine, with torch.compile, resume);
-#   2. the benchmark side by side: reference and every engine variant (bench.VARIANTS), into $OUT/side;
+#   2. the benchmark side by side: reference and every engine variant (bench.side_by_side.VARIANTS), into $OUT/side;
 #   3. under CUDA MPS (so that trials in separate processes can run kernels at the same time), 1, 2, 4 and 8
 #      concurrent trials and the seed space's six trials at once, into $OUT/mps; where the call carries Ray
 #      (.whl/site.tar.xz, built by benchmarks/ray-bundle.sh), also the whole seed sweep through Ray, command
@@ -24,7 +24,7 @@ nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 unpack_ray || echo "gpu.sh: no Ray carried: no sweep through Ray"
 
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_optim.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_engine.py tests/test_optim.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
 echo "gpu.sh: CUDA tests exit ${PIPESTATUS[0]} after ${SECONDS} s"
 
 timeout $((budget_s - SECONDS)) python3 -m tune_cnn.bench --data "$data" --concurrency --seed-trials no --sweep no --out "$out/side" 2>&1 \

@@ -35,8 +35,13 @@ def trial(settings: dict, source: str, epochs: int, cudnn_benchmark: bool, start
 
     import torch
 
+    from tune_cnn.config import TrainConfig
     from tune_cnn.data import load_data
-    from tune_cnn.train import TrainConfig, build_engine  # by way of train: --code may give an older package
+
+    try:
+        from tune_cnn.engine import build_engine
+    except ImportError:  # an older package (--code), whose engine was in tune_cnn.train
+        from tune_cnn.train import build_engine
     lap("import")
     torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
     lap("start_cuda")
@@ -71,9 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.at_once < 1 or args.epochs < 1:
         raise ConfigError(f"--at-once {args.at_once} or --epochs {args.epochs} is out of range; use 1 or more")
+    from tune_cnn.config import TrainConfig
     from tune_cnn.data import load_data
     from tune_cnn.space import load_space
-    from tune_cnn.config import TrainConfig
     from tune_cnn.train import parse_settings
 
     overrides = parse_settings(args.set)

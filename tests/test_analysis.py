@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import synthetic_splits
 from tune_cnn import analysis
-from tune_cnn.analysis import AnalysisError, METRICS
-from tune_cnn.config import CHECKPOINT_REPORTS
+from tune_cnn.analysis import METRICS, AnalysisError
+from tune_cnn.analysis.__main__ import main as analysis_main
+from tune_cnn.experiment import CHECKPOINT_REPORTS
+
+from conftest import synthetic_splits
 
 POOLINGS, WIDTHS, EPOCHS = ("max", "avg"), (3, 5, 7), 6
 NOISE = {("max", 3): 0.004, ("max", 5): -0.003, ("max", 7): 0.0, ("avg", 3): -0.002, ("avg", 5): 0.005, ("avg", 7): -0.001}
@@ -96,15 +98,16 @@ def hand_values(metric: str, epoch: int, pooling: str | None = None, width: int 
 
 
 def test_load_is_tidy_with_every_setting_and_metric(seed_experiment: Path):
-    df = analysis.load(seed_experiment)
+    sweep = analysis.load(seed_experiment)
+    df = sweep.frame
     assert len(df) == len(POOLINGS) * len(WIDTHS) * EPOCHS
     assert list(df.columns[:3]) == ["trial_id", "status", "epoch"]
     for name in ("pooling", "conv_width", "padding", "batch_norm", "dropout", "weight_decay", "lr", "batch_size", *METRICS):
         assert name in df.columns
     assert df.groupby("trial_id").size().eq(EPOCHS).all()
     assert set(df["status"]) == {"finished"}
-    assert df.attrs["swept"] == ["pooling", "conv_width"] and df.attrs["snapshot_epochs"] == [2, 4, 6]
-    assert df.attrs["incomplete"] == {}
+    assert sweep.context.swept == ["pooling", "conv_width"] and sweep.context.snapshot_epochs == [2, 4, 6]
+    assert sweep.context.incomplete == {}
     row = df[(df["pooling"] == "avg") & (df["conv_width"] == 5) & (df["epoch"] == 4)].iloc[0]
     assert row["val_acc"] == pytest.approx(curve("avg", 5, 4)["val_acc"])
     assert not row["batch_norm"] and row["dropout"] == 0.0  # defaults fill settings the sweep left alone
@@ -112,9 +115,9 @@ def test_load_is_tidy_with_every_setting_and_metric(seed_experiment: Path):
 
 def test_without_metadata_swept_settings_and_snapshots_are_worked_out(seed_experiment: Path):
     (seed_experiment / "tune_cnn.json").unlink()
-    df = analysis.load(seed_experiment)
-    assert sorted(df.attrs["swept"]) == ["conv_width", "pooling"]
-    assert df.attrs["snapshot_epochs"] == [2, 4, 6]  # from checkpoint_every 2 and epochs 6
+    sweep = analysis.load(seed_experiment)
+    assert sorted(sweep.context.swept) == ["conv_width", "pooling"]
+    assert sweep.context.snapshot_epochs == [2, 4, 6]  # from checkpoint_every 2 and epochs 6
 
 
 def test_swept_seeds_group_by_replicate_and_each_trial_keeps_the_seed_it_trained_with(tmp_path: Path):
@@ -122,11 +125,12 @@ def test_swept_seeds_group_by_replicate_and_each_trial_keeps_the_seed_it_trained
     for index, (pooling, seed) in enumerate((p, s) for p in POOLINGS for s in (0, 1, 2)):
         reports = [{**curve(pooling, 3, e), "trial_seed": 1000 + index} for e in range(1, EPOCHS + 1)]  # as tune_cnn.sweep reports
         write_trial(experiment, index, {**seed_params(pooling, 3), "seed": seed}, reports)
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     per_trial = df.groupby("trial_id")[["seed", "trial_seed"]].first()
     assert sorted(per_trial["seed"]) == [0, 0, 1, 1, 2, 2] and sorted(per_trial["trial_seed"]) == list(range(1000, 1006))
-    assert sorted(df.attrs["swept"]) == ["pooling", "seed"]  # worked out without tune_cnn.json; trial seeds are noise
-    table = analysis.summarize(df, "seed").set_index(["seed", "epoch"])
+    assert sorted(sweep.context.swept) == ["pooling", "seed"]  # worked out without tune_cnn.json; trial seeds are noise
+    table = analysis.summarize(sweep, "seed").set_index(["seed", "epoch"])
     assert table.at[(1, EPOCHS), "val_acc_count"] == 2  # one trial per pooling for each replicate
     assert table.at[(1, EPOCHS), "val_acc_mean"] == pytest.approx(statistics.mean(curve(p, 3, EPOCHS)["val_acc"] for p in POOLINGS))
 
@@ -136,7 +140,8 @@ def test_an_epoch_reported_twice_after_a_restore_appears_once_with_the_latest_re
     first = [curve("max", 3, e) for e in (1, 2, 3)]
     again = [{**curve("max", 3, e), "val_acc": 0.9} for e in (3, 4)]  # restored from the epoch-2 checkpoint
     write_trial(experiment, 0, {**seed_params("max", 3), "epochs": 4}, first + again)
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     assert list(df["epoch"]) == [1, 2, 3, 4]
     assert df.set_index("epoch").at[3, "val_acc"] == 0.9
     assert df["status"].iloc[0] == "finished"
@@ -147,7 +152,8 @@ def test_epochs_lost_from_result_json_on_a_retry_come_from_progress_csv(tmp_path
     reports = [curve("max", 3, e) for e in (1, 2, 3)] + [{**curve("max", 3, e), "val_acc": 0.9} for e in (3, 4)]
     folder, _ = write_trial(experiment, 0, {**seed_params("max", 3), "epochs": 4}, reports[3:])  # Ray dropped the first lines
     pd.DataFrame(reports).to_csv(folder / "progress.csv", index=False)
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     assert list(df["epoch"]) == [1, 2, 3, 4]
     assert df["val_acc"].tolist() == pytest.approx([curve("max", 3, 1)["val_acc"], curve("max", 3, 2)["val_acc"], 0.9, 0.9])
 
@@ -164,9 +170,10 @@ def test_what_a_killed_driver_cut_short_comes_from_the_newest_readable_checkpoin
             (checkpoint / CHECKPOINT_REPORTS).write_text(text or json.dumps({"params": params, "reports": reports[:saved]}))
     unreadable, _ = write_trial(experiment, 1, seed_params("max", 3), [curve("max", 3, 1)])
     (unreadable / "params.json").write_text("{")
-    df = analysis.load(experiment)  # the second trial, with nothing to read its settings from, is left out, and said to be
+    sweep = analysis.load(experiment)  # the second trial, with nothing to read its settings from, is left out, and said to be
+    df = sweep.frame
     assert list(df["epoch"]) == [1, 2, 3, 4] and df["trial_id"].nunique() == 1
-    assert df.attrs["incomplete"] == {unreadable.name: "settings unreadable"}
+    assert sweep.context.incomplete == {unreadable.name: "settings unreadable"}
     assert df["val_acc"].tolist() == pytest.approx([reports[0]["val_acc"], reports[1]["val_acc"], 0.9, reports[3]["val_acc"]])
     assert (df["pooling"] == "avg").all() and (df["conv_width"] == 5).all() and df["status"].iloc[0] == "finished"
 
@@ -180,14 +187,15 @@ def test_a_trial_with_only_a_checkpoint_so_far_loads_from_it(tmp_path: Path):
     checkpoint.mkdir(parents=True)
     (checkpoint / CHECKPOINT_REPORTS).write_text(json.dumps({"params": params, "reports": [curve("avg", 5, 1)]}))
     write_state(experiment, {"trainable_abc12_00000_0": ("abc12_00000", "RUNNING"), "trainable_abc12_00001_1": ("abc12_00001", "PENDING")})
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     assert df[["trial_id", "epoch", "pooling", "conv_width"]].values.tolist() == [["abc12_00000", 1, "avg", 5]]
     assert df["val_acc"].tolist() == [curve("avg", 5, 1)["val_acc"]]
-    assert df.attrs["incomplete"] == {"abc12_00000": "running", "abc12_00001": "not started"}
+    assert sweep.context.incomplete == {"abc12_00000": "running", "abc12_00001": "not started"}
     (experiment / "tune_cnn.json").write_text(json.dumps(SEED_METADATA))  # swept pooling, conv_width
     for checkpoint in experiment.glob("*/checkpoint_*"):
         shutil.rmtree(checkpoint)
-    analysis.main([str(experiment)])  # no trial has reported yet: a report that says so
+    analysis_main([str(experiment)])  # no trial has reported yet: a report that says so
     assert "No trial has reported a result yet." in (experiment / "analysis" / "report.md").read_text()
 
 
@@ -209,12 +217,13 @@ def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):
     statuses["trainable_abc12_00099_99"] = ("abc12_00099", "PENDING")  # queued: no folder yet
     write_state(experiment, {"old": ("x", "RUNNING")}, stamp="2025-12-31_00-00-00")  # an older session's state
     write_state(experiment, statuses)
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     status = df.groupby("trial_id")["status"].first()
     expected = {"finished": "finished", "recovered": "finished", "stopped": "stopped early", "errored": "errored",
                 "running": "running", "retrying": "running"}
     assert {label: status[ids[label]] for label in plans} == expected
-    assert df.attrs["incomplete"] == {ids["stopped"]: "stopped early", ids["errored"]: "errored", ids["running"]: "running",
+    assert sweep.context.incomplete == {ids["stopped"]: "stopped early", ids["errored"]: "errored", ids["running"]: "running",
                                       ids["retrying"]: "running", "abc12_00098": "errored", "abc12_00099": "not started"}
     assert len(df) == sum(reported for reported, _, _ in plans.values())
 
@@ -226,13 +235,14 @@ def test_a_trial_a_killed_driver_never_saved_is_lost_once_the_sweep_resumes(tmp_
     unsaved, unsaved_id = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)], made="2026-01-01_00-00-09")
     write_state(experiment, {saved.name: (saved_id, "RUNNING")}, stamp="2026-01-01_00-00-00")
     before_the_resume = analysis.load(experiment)
-    assert before_the_resume.attrs["incomplete"] == {saved_id: "running", unsaved_id: "running"}
+    assert before_the_resume.context.incomplete == {saved_id: "running", unsaved_id: "running"}
 
     write_state(experiment, {saved.name: (saved_id, "RUNNING")}, stamp="2026-01-01_00-01-00")  # the resumed driver's
     _, new_id = write_trial(experiment, 2, seed_params("avg", 5), [curve("avg", 5, 1)], made="2026-01-01_00-01-00")  # not saved yet
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     assert df.groupby("trial_id")["epoch"].max().to_dict() == {saved_id: 2, new_id: 1}
-    assert df.attrs["incomplete"] == {saved_id: "running", new_id: "running", unsaved_id: "lost when its driver was killed, not resumed"}
+    assert sweep.context.incomplete == {saved_id: "running", new_id: "running", unsaved_id: "lost when its driver was killed, not resumed"}
 
 
 def test_without_rays_state_an_error_file_means_errored(tmp_path: Path):
@@ -241,7 +251,8 @@ def test_without_rays_state_an_error_file_means_errored(tmp_path: Path):
     folder, running = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)])
     with (folder / "result.json").open("a") as result:
         result.write('{"epoch": 2, "val_')
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     assert df.groupby("trial_id")["status"].first().to_dict() == {errored: "errored", running: "running"}
     assert len(df) == 2  # the half-written last line of a killed driver is skipped
 
@@ -256,7 +267,7 @@ def test_a_path_that_is_not_an_experiment_folder_is_a_one_line_error(tmp_path: P
 
 def test_the_command_line_reports_a_bad_path_in_one_line_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_:
-        analysis.main([str(tmp_path / "nowhere")])
+        analysis_main([str(tmp_path / "nowhere")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
@@ -265,13 +276,14 @@ def test_the_command_line_reports_a_bad_path_in_one_line_with_exit_code_2(tmp_pa
 @pytest.mark.parametrize("uri, says", [("foo://x/quick", "Unrecognized filesystem type"), ("s3://no-such-bucket/x", "cannot reach")])
 def test_a_location_that_cannot_be_opened_is_one_line_with_exit_code_2(uri: str, says: str, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_:  # offline, s3 fails resolving the bucket's region; online, listing it
-        analysis.main([uri])
+        analysis_main([uri])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err and uri in err
 
 
 def test_a_file_uri_reads_like_a_local_path(seed_experiment: Path):
-    df = analysis.load(seed_experiment.as_uri())
+    sweep = analysis.load(seed_experiment.as_uri())
+    df = sweep.frame
     assert len(df) == len(POOLINGS) * len(WIDTHS) * EPOCHS
     folder = analysis.write_analysis(seed_experiment.as_uri())
     assert folder == seed_experiment.as_uri() + "/analysis"
@@ -282,8 +294,8 @@ def test_a_file_uri_reads_like_a_local_path(seed_experiment: Path):
 
 
 def test_grouped_means_equal_a_hand_computation(seed_experiment: Path):
-    df = analysis.load(seed_experiment)
-    table = analysis.summarize(df, "pooling").set_index(["pooling", "epoch"])
+    sweep = analysis.load(seed_experiment)
+    table = analysis.summarize(sweep, "pooling").set_index(["pooling", "epoch"])
     assert len(table) == len(POOLINGS) * 3  # every pooling at each snapshot epoch 2, 4, 6
     for pooling in POOLINGS:
         for epoch in (2, 4, 6):
@@ -292,24 +304,24 @@ def test_grouped_means_equal_a_hand_computation(seed_experiment: Path):
             assert row["val_acc_mean"] == pytest.approx(statistics.mean(values))
             assert row["val_acc_std"] == pytest.approx(statistics.stdev(values))
             assert (row["val_acc_count"], row["val_acc_min"], row["val_acc_max"]) == (3, pytest.approx(min(values)), pytest.approx(max(values)))
-    by_epoch = analysis.summarize(df, "epoch", metrics=["val_loss"]).set_index("epoch")
+    by_epoch = analysis.summarize(sweep, "epoch", metrics=["val_loss"]).set_index("epoch")
     assert list(by_epoch.index) == [2, 4, 6]
     assert by_epoch.at[6, "val_loss_mean"] == pytest.approx(statistics.mean(hand_values("val_loss", 6)))
-    both = analysis.summarize(df, ["pooling", "conv_width"], at_epochs=[5]).set_index(["pooling", "conv_width", "epoch"])
+    both = analysis.summarize(sweep, ["pooling", "conv_width"], at_epochs=[5]).set_index(["pooling", "conv_width", "epoch"])
     assert both.at[("max", 7, 5), "train_acc_mean"] == pytest.approx(0.9) and both.at[("max", 7, 5), "train_acc_count"] == 1
 
 
 def test_summaries_at_each_trials_last_and_best_epoch(seed_experiment: Path):
-    df = analysis.load(seed_experiment)
-    last = analysis.summarize(df, "conv_width", at="last", metrics=["val_acc"]).set_index("conv_width")
+    sweep = analysis.load(seed_experiment)
+    last = analysis.summarize(sweep, "conv_width", at="last", metrics=["val_acc"]).set_index("conv_width")
     assert last.at[7, "val_acc_mean"] == pytest.approx(statistics.mean(hand_values("val_acc", EPOCHS, width=7)))
     assert "epoch" not in last.columns
-    best = analysis.select_rows(df, "best")
+    best = analysis.select_rows(sweep, "best")
     assert len(best) == 6 and set(best["epoch"]) == {EPOCHS}  # val_acc rises every epoch in the synthetic curves
     with pytest.raises(AnalysisError, match="epoch"):
-        analysis.summarize(df, "pooling", at_epochs=[50])
+        analysis.summarize(sweep, "pooling", at_epochs=[50])
     with pytest.raises(AnalysisError, match="colour"):
-        analysis.summarize(df, "colour")
+        analysis.summarize(sweep, "colour")
 
 
 def test_diagnosis_finds_the_best_epoch_the_gap_and_overfitting(seed_experiment: Path):
@@ -327,8 +339,8 @@ def test_t_critical_values_match_the_tables():
 
 
 def test_effects_and_importance_match_a_hand_computation(seed_experiment: Path):
-    df = analysis.load(seed_experiment)
-    table = analysis.effects(df).set_index(["setting", "value_a", "value_b"])
+    sweep = analysis.load(seed_experiment)
+    table = analysis.effects(sweep).set_index(["setting", "value_a", "value_b"])
     assert len(table) == 1 + 3  # pooling: one pair; conv_width: three pairs
     cells = {(p, w): curve(p, w, EPOCHS)["val_acc"] for p in POOLINGS for w in WIDTHS}  # best epoch = last
     row_mean = {p: statistics.mean(cells[p, w] for w in WIDTHS) for p in POOLINGS}
@@ -344,7 +356,7 @@ def test_effects_and_importance_match_a_hand_computation(seed_experiment: Path):
     assert widths["difference"] == pytest.approx(column_mean[7] - column_mean[3])
     assert widths["high"] - widths["difference"] == pytest.approx(4.303 * noise, rel=1e-3)
     assert not widths["within_noise"]
-    ranking = analysis.importance(df).set_index("setting")
+    ranking = analysis.importance(sweep).set_index("setting")
     assert list(ranking.index) == ["conv_width", "pooling"] and list(ranking["rank"]) == [1, 2]
     total = sum((y - grand) ** 2 for y in cells.values())
     assert ranking.at["pooling", "variance_share"] == pytest.approx(3 * sum((m - grand) ** 2 for m in row_mean.values()) / total)
@@ -374,9 +386,9 @@ def test_an_unbalanced_sweeps_difference_is_said_to_hold_the_other_settings_equa
     experiment = tmp_path / "interrupted"
     for index, (pooling, width) in enumerate([("max", 3), ("max", 5), ("avg", 3), ("avg", 5), ("max", 7)]):
         write_trial(experiment, index, seed_params(pooling, width), [curve(pooling, width, e) for e in range(1, EPOCHS + 1)])
-    df = analysis.load(experiment)
-    effect_table = analysis.effects(df, ["pooling", "conv_width"])
-    lines = analysis.findings(df, effect_table, analysis.importance(df, ["pooling", "conv_width"]), analysis.diagnose(df))
+    sweep = analysis.load(experiment)
+    effect_table = analysis.effects(sweep, ["pooling", "conv_width"])
+    lines = analysis.findings(sweep, effect_table, analysis.importance(sweep, ["pooling", "conv_width"]), analysis.diagnose(sweep))
     pooling = next(line for line in lines if line.startswith("pooling:"))
     row = effect_table.set_index("setting").loc["pooling"]
     assert row["difference"] != pytest.approx(row["mean_b"] - row["mean_a"])  # (max, 7) pulls max's mean down
@@ -388,8 +400,8 @@ def test_a_setting_confounded_with_another_gets_its_raw_difference_and_no_interv
     for index, (pooling, width) in enumerate((p, w) for p in POOLINGS for w in WIDTHS):
         params = {**seed_params(pooling, width), "batch_norm": pooling == "avg"}
         write_trial(experiment, index, params, [curve(pooling, width, e) for e in range(1, EPOCHS + 1)])
-    df = analysis.load(experiment)
-    effect_table = analysis.effects(df, ["pooling", "batch_norm", "conv_width"])
+    sweep = analysis.load(experiment)
+    effect_table = analysis.effects(sweep, ["pooling", "batch_norm", "conv_width"])
     table = effect_table.set_index("setting")
     for name in ("pooling", "batch_norm"):
         row = table.loc[name]
@@ -397,7 +409,7 @@ def test_a_setting_confounded_with_another_gets_its_raw_difference_and_no_interv
         assert math.isnan(row["low"]) and math.isnan(row["high"]) and row["within_noise"] is None
     widths = table.loc["conv_width"]
     assert widths["separable"].all() and np.isfinite(widths[["low", "high"]].to_numpy(float)).all()
-    lines = analysis.findings(df, effect_table, analysis.importance(df, ["pooling"]), analysis.diagnose(df))
+    lines = analysis.findings(sweep, effect_table, analysis.importance(sweep, ["pooling"]), analysis.diagnose(sweep))
     pooling = next(line for line in lines if line.startswith("pooling:"))
     assert pooling.startswith(f"pooling: max vs avg differ by {table.at['pooling', 'difference'] * 100:+.1f} points in their means (")
     assert "cannot separate" in pooling and "held equal" not in pooling and "interval" not in pooling
@@ -418,24 +430,24 @@ def test_with_fewer_trials_than_the_model_has_values_only_separable_differences_
 
 
 def test_a_setting_named_twice_counts_once(seed_experiment: Path, tmp_path: Path):
-    df = analysis.load(seed_experiment)
-    pd.testing.assert_frame_equal(analysis.effects(df, ["pooling", "pooling"]), analysis.effects(df, ["pooling"]))
-    assert analysis.importance(df, ["pooling", "pooling"])["setting"].tolist() == ["pooling"]
-    analysis.main([str(seed_experiment), "--by", "pooling", "pooling", "--out", str(tmp_path / "out")])
+    sweep = analysis.load(seed_experiment)
+    pd.testing.assert_frame_equal(analysis.effects(sweep, ["pooling", "pooling"]), analysis.effects(sweep, ["pooling"]))
+    assert analysis.importance(sweep, ["pooling", "pooling"])["setting"].tolist() == ["pooling"]
+    analysis_main([str(seed_experiment), "--by", "pooling", "pooling", "--out", str(tmp_path / "out")])
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.count("### By pooling") == 1 and report.count("- pooling: max vs avg differ by +0.5 points (") == 1
 
 
 def test_a_val_loss_sweep_ranks_explains_and_reports_val_loss(tmp_path: Path):
     experiment = write_grid(tmp_path / "by-loss", {**SEED_METADATA, "metric": "val_loss", "mode": "min"})
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
     # Each trial's lowest val_loss: 0.7 at epoch 3, but 0.4 at epoch 6 for (avg, 7), which does not overfit.
-    ranking = analysis.importance(df).set_index("setting")["variance_share"]
+    ranking = analysis.importance(sweep).set_index("setting")["variance_share"]
     assert ranking.to_dict() == {"conv_width": pytest.approx(0.4), "pooling": pytest.approx(0.2)}  # on val_acc: 0.95 and 0.01
-    pooling = analysis.effects(df).set_index("setting").loc["pooling"]
+    pooling = analysis.effects(sweep).set_index("setting").loc["pooling"]
     assert (pooling["mean_b"], pooling["mean_a"], pooling["difference"]) == (pytest.approx(0.7), pytest.approx(0.6), pytest.approx(0.1))
     report = (analysis.write_analysis(experiment) / "report.md").read_text()
-    best = analysis.best_trials(df).iloc[0]
+    best = analysis.best_trials(sweep).iloc[0]
     assert f"Best trial: **{best['trial_id']}** (pooling=avg, conv_width=7): val_loss 0.4 at epoch 6." in report
     assert "Importance (share of the variance in val_loss across trials each setting explains alone): conv_width 40.0%, pooling 20.0%." in report
     assert "- pooling: max vs avg differ by +0.1 (0.7 vs 0.6 mean val_loss, 3 and 3 trials), within noise (95% interval " in report
@@ -447,9 +459,9 @@ def test_a_swept_seed_is_replication_not_a_setting(tmp_path: Path):
         reports = [{**curve(pooling, 3, e), "val_acc": curve(pooling, 3, e)["val_acc"] + 0.02 * (seed - 1)} for e in range(1, EPOCHS + 1)]
         write_trial(experiment, index, {**seed_params(pooling, 3), "seed": seed}, reports)
     (experiment / "tune_cnn.json").write_text(json.dumps({**SEED_METADATA, "swept": ["pooling", "seed"]}))
-    df = analysis.load(experiment)
-    effect_table = analysis.effects(df)
-    assert effect_table["setting"].tolist() == ["pooling"] and analysis.importance(df)["setting"].tolist() == ["pooling"]
+    sweep = analysis.load(experiment)
+    effect_table = analysis.effects(sweep)
+    assert effect_table["setting"].tolist() == ["pooling"] and analysis.importance(sweep)["setting"].tolist() == ["pooling"]
     # The replicates' spread is the noise: +-0.02 around each pooling's mean, on 6 - 2 degrees of freedom.
     row = effect_table.iloc[0]
     assert row["difference"] == pytest.approx(curve("max", 3, EPOCHS)["val_acc"] - curve("avg", 3, EPOCHS)["val_acc"])
@@ -489,7 +501,7 @@ def test_write_analysis_writes_tables_plots_and_a_report(seed_experiment: Path):
         assert f"### By {setting}" in report and f"]({'by_' + setting}.png)" in report
     assert "pooling: max vs avg differ by +0.5 points (" in report and "within noise" in report  # balanced: the means' difference
     assert report.startswith("# Analysis of mini-seed\n")
-    analysis.main([str(seed_experiment), "--by", "pooling"])  # a regrouping replaces the earlier groupings' files
+    analysis_main([str(seed_experiment), "--by", "pooling"])  # a regrouping replaces the earlier groupings' files
     assert sorted(p.name for p in folder.glob("summary_*")) == ["summary_epoch.csv", "summary_pooling.csv"]
     assert sorted(p.name for p in folder.glob("by_*")) == ["by_epoch.png", "by_pooling.png"]
     assert "Overfitting: 5 of 6 trials" in report and "lowest at epoch 3.5 on average" in report
@@ -514,11 +526,12 @@ def diverge(how: str) -> Callable[[str, int, dict], dict]:
 def test_a_diverged_trial_is_reported_and_the_whole_analysis_is_written(tmp_path: Path, metric: str, how: str):
     metadata = {**SEED_METADATA, "metric": metric, "mode": "max" if metric == "val_acc" else "min"}
     experiment = write_grid(tmp_path / "diverged", metadata, diverge(how))
-    analysis.main([str(experiment)])
+    analysis_main([str(experiment)])
     folder = experiment / "analysis"
     for name in ("learning_curves", "by_pooling", "by_conv_width", "by_epoch", "effects"):
         assert_png(folder / f"{name}.png")
-    df = analysis.load(experiment)
+    sweep = analysis.load(experiment)
+    df = sweep.frame
     diverged = df.loc[(df["pooling"] == DIVERGED[0]) & (df["conv_width"] == DIVERGED[1]), "trial_id"].iloc[0]
     diagnosis = pd.read_csv(folder / "trials.csv").set_index("trial_id")
     assert diagnosis["diverged"].to_dict() == {t: t == diverged for t in diagnosis.index}
@@ -526,10 +539,10 @@ def test_a_diverged_trial_is_reported_and_the_whole_analysis_is_written(tmp_path
     assert best_epoch == 2 if how == "inf from epoch 3" else math.isnan(best_epoch)
     report = (folder / "report.md").read_text()
     assert f"- Diverged (validation loss NaN or infinite at the last epoch): {diverged}." in report
-    best = analysis.best_trials(df)
+    best = analysis.best_trials(sweep)
     assert best["trial_id"].iloc[0] != diverged and np.isfinite(best[metric]).all()
     assert f"Best trial: **{best['trial_id'].iloc[0]}**" in report
-    values = analysis.trial_values(df, metric)
+    values = analysis.trial_values(sweep, metric)
     # Its best epoch by a metric that is never a number does not exist: only then is the trial left out.
     assert (diverged in values.index) == (how != "nan accuracy") and np.isfinite(values[metric]).all()
     assert np.isfinite(pd.read_csv(folder / "effects.csv")[["difference", "low", "high"]].to_numpy()).all()
@@ -539,7 +552,7 @@ def test_a_diverged_trial_is_reported_and_the_whole_analysis_is_written(tmp_path
 def test_when_every_trial_diverged_the_report_says_so(tmp_path: Path):
     metadata = {**SEED_METADATA, "metric": "val_loss", "mode": "min"}
     experiment = write_grid(tmp_path / "all-diverged", metadata, lambda p, w, report: {**report, "val_loss": math.nan, "val_acc": 0.1})
-    analysis.main([str(experiment)])
+    analysis_main([str(experiment)])
     report = (experiment / "analysis" / "report.md").read_text()
     assert "No trial has a val_loss that is a number: there are no best trials, effects or importance." in report
     assert "Diverged (validation loss NaN or infinite at the last epoch): " in report and "lowest at epoch" not in report
@@ -577,25 +590,26 @@ def test_one_trial_reads_as_one_without_a_spread(tmp_path: Path):
 def test_the_analysis_goes_to_an_out_uri(seed_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     out = (tmp_path / "elsewhere").as_uri()
-    analysis.main([str(seed_experiment), "--out", out])
+    analysis_main([str(seed_experiment), "--out", out])
     assert capsys.readouterr().out.strip() == f"analysis: {out}"
     assert_png(tmp_path / "elsewhere" / "effects.png")
     with pytest.raises(SystemExit) as exit_:
-        analysis.main([str(seed_experiment), "--out", "s3://no-such-bucket/x"])
+        analysis_main([str(seed_experiment), "--out", "s3://no-such-bucket/x"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: cannot reach s3://no-such-bucket/x") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "mini-seed"]  # not a folder named s3: here
 
 
 def test_each_plot_has_its_panels(seed_experiment: Path):
-    df = analysis.load(seed_experiment)
-    curves = analysis.plot_learning_curves(df[df["epoch"] <= 3], "pooling")
+    sweep = analysis.load(seed_experiment)
+    df = sweep.frame
+    curves = analysis.plot_learning_curves(sweep.where(df["epoch"] <= 3), "pooling")
     assert len(curves.axes) == 3
     curves.canvas.draw()
     assert all(tick == int(tick) for ax in curves.axes for tick in ax.get_xticks())  # epochs 1-3: no tick at 1.5
-    assert len(analysis.plot_grouped(df, "conv_width").axes) == 3
-    assert len(analysis.plot_grouped(df, "epoch").axes) == 3
-    assert len(analysis.plot_effects(analysis.effects(df), analysis.importance(df)).axes) == 2
+    assert len(analysis.plot_grouped(sweep, "conv_width").axes) == 3
+    assert len(analysis.plot_grouped(sweep, "epoch").axes) == 3
+    assert len(analysis.plot_effects(analysis.effects(sweep), analysis.importance(sweep)).axes) == 2
 
 
 def test_plots_drawn_by_other_processes_are_those_drawn_here(seed_experiment: Path, tmp_path: Path):
@@ -623,7 +637,7 @@ def test_the_command_line_writes_where_asked_and_warns_about_incomplete_trials(t
     experiment = tmp_path / "partial"
     for index, pooling in enumerate(POOLINGS):
         write_trial(experiment, index, seed_params(pooling, 3), [curve(pooling, 3, e) for e in range(1, 5 - 2 * index)])
-    analysis.main([str(experiment), "--by", "pooling", "--epochs", "1", "2", "--out", str(tmp_path / "out")])
+    analysis_main([str(experiment), "--by", "pooling", "--epochs", "1", "2", "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert out.strip() == f"analysis: {tmp_path / 'out'}"
     assert err.startswith("warning: 2 trial(s) incomplete") and "running" in err
@@ -636,7 +650,7 @@ def test_the_command_line_writes_where_asked_and_warns_about_incomplete_trials(t
 def test_grouping_by_what_is_not_a_setting_is_one_line_and_writes_nothing(seed_experiment: Path, tmp_path: Path, by: str,
                                                                          capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as stop:
-        analysis.main([str(seed_experiment), "--by", by, "--out", str(tmp_path / "out")])
+        analysis_main([str(seed_experiment), "--by", by, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(f"error: cannot group by {by}: not a setting; choose from: ") and err.count("\n") == 1
     assert "pooling" in err and not (tmp_path / "out").exists()
@@ -697,7 +711,8 @@ def real_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_real_sweep_loads_with_retries_errors_and_duplicates_resolved(real_experiment: Path):
-    df = analysis.load(real_experiment)
+    sweep = analysis.load(real_experiment)
+    df = sweep.frame
     status = df.groupby(["pooling", "conv_width"])["status"].first().to_dict()
     assert status == {("max", 3): "finished", ("max", 5): "errored", ("avg", 3): "finished", ("avg", 5): "finished"}
     epochs = df.groupby(["pooling", "conv_width"])["epoch"].apply(list).to_dict()
@@ -709,17 +724,26 @@ def test_a_real_sweep_loads_with_retries_errors_and_duplicates_resolved(real_exp
     retry = [json.loads(line) for line in (retried / "result.json").read_text().splitlines()][-2]
     row = df[(df["pooling"] == "avg") & (df["conv_width"] == 5) & (df["epoch"] == 3)].iloc[0]
     assert retry["epoch"] == 3 and row["epoch_seconds"] == retry["epoch_seconds"]  # the retry's report, not the first one
-    assert sorted(df.attrs["swept"]) == ["conv_width", "pooling"] and df.attrs["snapshot_epochs"] == [2, 4]
-    assert list(df.attrs["incomplete"].values()) == ["errored"]
+    assert sorted(sweep.context.swept) == ["conv_width", "pooling"] and sweep.context.snapshot_epochs == [2, 4]
+    assert list(sweep.context.incomplete.values()) == ["errored"]
     assert np.isfinite(df[list(METRICS)].to_numpy()).all()
 
 
 def test_a_real_sweep_gets_its_analysis(real_experiment: Path):
     folder = analysis.write_analysis(real_experiment)
     summary = pd.read_csv(folder / "summary_pooling.csv").set_index(["pooling", "epoch"])
-    df = analysis.load(real_experiment)
+    sweep = analysis.load(real_experiment)
+    df = sweep.frame
     at_4 = df[(df["epoch"] == 4) & (df["pooling"] == "max")]["val_acc"]
     assert summary.at[("max", 4), "val_acc_mean"] == pytest.approx(at_4.mean()) and summary.at[("max", 4), "val_acc_count"] == 1
     report = (folder / "report.md").read_text()
     assert "pooling" in report and "conv_width" in report and "errored" in report
     assert_png(folder / "learning_curves.png")
+
+
+def test_a_frame_read_back_from_results_csv_gives_the_same_tables(seed_experiment: Path):
+    folder = analysis.write_analysis(seed_experiment)
+    for read in (pd.read_csv, pd.read_parquet):
+        again = analysis.Sweep.from_frame(read(folder / f"results.{'csv' if read is pd.read_csv else 'parquet'}"))
+        assert sorted(again.context.swept) == ["conv_width", "pooling"] and again.context.snapshot_epochs == [2, 4, 6]
+        pd.testing.assert_frame_equal(analysis.effects(again, ["pooling", "conv_width"]), analysis.effects(analysis.load(seed_experiment)))

@@ -25,10 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_image_folder
+from tune_cnn.config import SETTINGS, TrainConfig
 from tune_cnn.errors import ConfigError
 from tune_cnn.space import TOP_KEYS, load_space
-from tune_cnn.config import SETTINGS, TrainConfig
+
+from conftest import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 TINY_SPACE = "fixed: {epochs: 1, padding: same}\nspace: {pooling: [max]}\n"
@@ -136,7 +137,8 @@ CASES: dict[str, Case] = {
         "sweep", lambda t, i: [space_file(t, "space: {conv_width: [3, 9]}\n"), "--data", str(i)], "conv_width 9 with valid padding",
     ),
     "unknown space name": ("sweep", lambda t, i: ["nope", "--data", str(i)], "search space 'nope' not found"),
-    "cpus per trial 0": ("sweep", lambda t, i: ["quick", "--cpus-per-trial", "0", "--data", str(i)], "resources.cpu (set on the command line): 0.0 is not allowed"),
+    "cpus per trial 0": ("sweep", lambda t, i: ["quick", "--cpus-per-trial", "0", "--data", str(i)],
+                         "resources.cpu (set on the command line): 0.0 is not allowed"),
     # Data
     "data path that does not exist": ("sweep", lambda t, i: [space_file(t, TINY_SPACE), "--data", str(t / "nowhere")], "does not exist"),
     "empty data folder": ("train", lambda t, i: ["--data", empty_folder(t)], "is empty"),
@@ -200,7 +202,8 @@ CASES: dict[str, Case] = {
     "analysis of a folder that is not an experiment": ("analysis", lambda t, i: [not_an_experiment(t)], "photos"),
     "analysis of a path that does not exist": ("analysis", lambda t, i: [str(t / "nowhere")], "does not exist"),
     # Mistyped options (argparse's own errors)
-    "unknown option": ("sweep", lambda t, i: ["quick", "--data", str(i), "--verbose"], "unrecognized arguments: --verbose; see python -m tune_cnn.sweep --help"),
+    "unknown option": ("sweep", lambda t, i: ["quick", "--data", str(i), "--verbose"],
+                       "unrecognized arguments: --verbose; see python -m tune_cnn.sweep --help"),
     "option value of the wrong type": ("train", lambda t, i: ["--data", str(i), "--subset", "many"], "argument --subset: invalid int value: 'many'"),
     "analysis without its folder": ("analysis", lambda t, i: [], "the following arguments are required"),
 }
@@ -264,13 +267,13 @@ def test_any_document_loads_or_fails_with_a_config_error(text: str):
 
 
 def test_an_address_that_never_answers_times_out_with_one_line(monkeypatch: pytest.MonkeyPatch):
-    from tune_cnn import sweep
+    from tune_cnn import cluster
 
-    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT_S", 5)
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 5)
     # TEST-NET-3 is never routed: the connection times out, is unreachable, or (behind a proxy that accepts
     # every connection) is no Ray cluster; each must end within the timeout.
     with pytest.raises(ConfigError, match=r"no Ray cluster answers at --address 203\.0\.113\.1:6379"):
-        sweep.check_cluster_answers("203.0.113.1:6379")
+        cluster.check_cluster_answers("203.0.113.1:6379")
 
 
 def test_ctrl_c_and_a_closed_pipe_end_a_command_in_one_line_or_quietly(tmp_path: Path):

@@ -7,13 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_image_folder, synthetic_splits
-from tune_cnn import bench
-from tune_cnn.bench import (Plan, Timing, TutorialDataset, compare_accuracy, format_table, main, reference_model, run_benchmark,
-                            time_seed_sweep, time_seed_trials)
-from tune_cnn.data import load_data
+from tune_cnn.bench import __main__ as bench
+from tune_cnn.bench import side_by_side
+from tune_cnn.bench.__main__ import format_table, main, run_benchmark
+from tune_cnn.bench.clock import Plan, Timing
+from tune_cnn.bench.reference import ReferenceProcess, TutorialDataset, compare_accuracy, reference_model
+from tune_cnn.bench.sweeps import sweep_timeline, time_seed_sweep, time_seed_trials
 from tune_cnn.config import TrainConfig
-from tune_cnn.train import build_engine
+from tune_cnn.data import load_data
+from tune_cnn.engine import build_engine
+
+from conftest import make_image_folder, synthetic_splits
 
 
 def test_engine_computes_the_reference_loss_and_gradients_on_the_same_batch(small_data):
@@ -69,7 +73,7 @@ def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
     def with_a_broken_variant(config, device, keys):  # as a GPU or torch without some feature would
         return {"engine": config, "engine, broken": dataclasses.replace(config, device="cuda")}
 
-    monkeypatch.setattr(bench, "engine_variants", with_a_broken_variant)
+    monkeypatch.setattr(side_by_side, "engine_variants", with_a_broken_variant)
     plan = Plan(TrainConfig(batch_size=16), images=64, rounds=1, workers=0)
     figures = run_benchmark(plan, synthetic_splits(train=200, val=20, test=20), quick=True)
     assert [r["name"] for r in figures["results"]] == ["reference (0 workers)", "engine"]
@@ -78,10 +82,10 @@ def test_a_variant_that_fails_is_left_out_and_reported(monkeypatch):
 
 
 def test_each_cuda_variant_is_a_config():
-    variants = bench.engine_variants(TrainConfig(), torch.device("cuda"), ["graph", "graph-fp32"])
+    variants = side_by_side.engine_variants(TrainConfig(), torch.device("cuda"), ["graph", "graph-fp32"])
     graph = dataclasses.replace(TrainConfig(), compile=False, cuda_graph=True)
     assert variants == {"engine, whole-step CUDA graph": graph, "engine, whole-step CUDA graph, fp32": dataclasses.replace(graph, precision="fp32")}
-    assert bench.engine_variants(TrainConfig(), torch.device("cpu"), ["graph"]) == {"engine": TrainConfig()}
+    assert side_by_side.engine_variants(TrainConfig(), torch.device("cpu"), ["graph"]) == {"engine": TrainConfig()}
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
@@ -161,7 +165,7 @@ def test_ratios_pass_by_pass_pair_each_pass_with_the_reference_pass_of_its_round
 def test_a_reference_process_that_fails_is_an_error_with_its_cause_not_a_hang(tmp_path):
     plan = Plan(TrainConfig(batch_size=16), images=64, rounds=1, workers=0)
     with pytest.raises(RuntimeError, match="the reference process failed: FileNotFoundError"):
-        with bench.ReferenceProcess(plan, synthetic_splits(train=100, val=10, test=10), tmp_path / "missing.npz"):
+        with ReferenceProcess(plan, synthetic_splits(train=100, val=10, test=10), tmp_path / "missing.npz"):
             pass
 
 
@@ -191,7 +195,7 @@ def test_a_sweep_timeline_places_each_trial_from_its_results(tmp_path):
         results = tmp_path / name / "result.json"
         results.parent.mkdir()
         results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    timeline = bench.sweep_timeline(tmp_path, started_at)
+    timeline = sweep_timeline(tmp_path, started_at)
     assert timeline["trials_started_s"] == pytest.approx([23.0, 40.0])  # 40 - 17, 60 - 20
     assert timeline["trials_ended_s"] == pytest.approx([40.0, 60.0])
     assert timeline["trial_epochs_s"] == pytest.approx([7.0, 10.0]) and timeline["trial_outside_epochs_s"] == pytest.approx([10.0, 10.0])

@@ -5,12 +5,14 @@ import copy
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from tune_cnn import cluster
+
 from conftest import make_image_folder
-from tune_cnn import sweep
 from test_sweep import QUICK_TRIALS, run_cli, trial_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,17 +61,17 @@ def test_cluster_yaml_names_its_storage_once_and_holds_no_credentials():
 def test_a_typo_in_cluster_yaml_fails_validation(cluster_config: dict, typo):
     broken = copy.deepcopy(cluster_config)
     typo(broken)
-    with pytest.raises(Exception):
+    with pytest.raises((jsonschema.ValidationError, ValueError, KeyError)):
         check(broken)
 
 
 def test_gpu_requests_survive_a_cluster_whose_gpu_workers_have_not_started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
     bootstrap.write_text((ROOT / "cluster.yaml").read_text())  # what `ray up` leaves on the head node
-    monkeypatch.setattr(sweep, "AUTOSCALER_CONFIG", bootstrap)
-    assert sweep.scalable_gpus() == 8  # up to 8 GPU workers with one GPU each
-    monkeypatch.setattr(sweep, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")
-    assert sweep.scalable_gpus() == 0
+    monkeypatch.setattr(cluster, "AUTOSCALER_CONFIG", bootstrap)
+    assert cluster.scalable_gpus() == 8  # up to 8 GPU workers with one GPU each
+    monkeypatch.setattr(cluster, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")
+    assert cluster.scalable_gpus() == 0
 
 
 JOINING = "; if nodes are still joining, start the sweep once they have"
@@ -94,7 +96,8 @@ def test_a_trial_larger_than_every_node_is_one_line_not_a_hang(fake_gpu_cluster,
                                  ("--gpus-per-trial", "2", "2 GPU(s) and the largest node of the Ray cluster has 1; lower --gpus-per-trial")):
         done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results"), "--address", cluster.address,
                        option, value)
-        assert done.returncode == 2 and done.stderr.splitlines() == [f"error: a trial asks for {words} (or resources.{option[2:5]} in the space){JOINING}"], done.stderr[-3000:]
+        expected = f"error: a trial asks for {words} (or resources.{option[2:5]} in the space){JOINING}"
+        assert done.returncode == 2 and done.stderr.splitlines() == [expected], done.stderr[-3000:]
     cluster.add_node(num_cpus=4)  # 3 CPUs fit this node and 1 GPU the others, but no node holds both
     cluster.wait_for_nodes()
     done = run_cli("quick", "--data", str(images), "--subset", "60", "--storage", str(tmp_path / "results"), "--address", cluster.address,

@@ -3,9 +3,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
 from tune_cnn.config import InputShape, ModelConfig, TrainConfig
 from tune_cnn.errors import ConfigError
+
+from conftest import ROOT
 
 CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
 
@@ -72,7 +73,8 @@ def test_a_model_that_does_not_fit_the_images_is_found_without_building_it():
 def test_a_sweeps_driver_and_the_analysis_never_import_torch(image_folder, decode_cache):
     """Reading a space, loading and checking the data, and loading the analysis: only trials need torch."""
     code = ("import sys; from tune_cnn.analysis import load; from tune_cnn.data import load_data; import tune_cnn.sweep as s; "
-            "space = s.load_space('seed'); data = load_data(sys.argv[1]); space.check_models(data.shape); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+            "space = s.load_space('seed'); data = load_data(sys.argv[1]); space.check_models(data.shape); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     run = subprocess.run([sys.executable, "-c", code, str(image_folder)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]"  # after the first load's "decoding ..." line

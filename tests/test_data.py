@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
 from PIL import Image
 
 import tune_cnn.data as data_module
+import tune_cnn.data.image_folder as image_folder_module
 from tune_cnn.data import load_data, stratified_split, stratified_subset
 from tune_cnn.errors import DataError
+
+from conftest import make_image_folder
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_subset_is_stratified():
 
 def test_second_load_reads_the_cache_without_decoding(image_folder, cache, monkeypatch):
     first = load_data(image_folder, cache_dir=cache)
-    monkeypatch.setattr(data_module, "decode_split", lambda *a: pytest.fail("decoded twice"))
+    monkeypatch.setattr(image_folder_module, "decode_split", lambda *a: pytest.fail("decoded twice"))
     second = load_data(image_folder, cache_dir=cache)
     assert np.array_equal(first.train.x, second.train.x)
 
@@ -173,7 +175,7 @@ def test_images_in_subfolders_of_a_class_folder_load_as_torchvision_finds_them(t
     Image.new("RGB", (20, 20)).save(hidden / "0000.png")  # a hidden folder's image, which ImageFolder would count
     data = load_data(root, cache_dir=cache)
     assert (len(data.train) + len(data.val), len(data.test)) == (counted["train"], counted["test"]) == (30, 12)
-    moved = [p.relative_to(root / "test" / "cat").as_posix() for p in data_module.class_images(root / "test" / "cat")]
+    moved = [p.relative_to(root / "test" / "cat").as_posix() for p in image_folder_module.class_images(root / "test" / "cat")]
     assert moved == ["0003.png", "indoor/0000.png", "indoor/0002.png", "indoor/sofa/0001.png"]  # the order of their paths
     cats = np.sort(flat_test.x[flat_test.y == 0].reshape(4, -1), axis=0)
     assert np.array_equal(np.sort(data.test.x[data.test.y == 0].reshape(4, -1), axis=0), cats)

@@ -5,11 +5,12 @@ import sys
 import pytest
 import torch
 
-from conftest import CUDA, ROOT
 from tune_cnn.config import InputShape, ModelConfig, TrainConfig
+from tune_cnn.engine import make_optimizer, optimizer_settings
 from tune_cnn.models import build_model
 from tune_cnn.optim import FusedAdamW, FusedSGD
-from tune_cnn.train import make_optimizer, optimizer_settings
+
+from conftest import CUDA, ROOT
 
 SHAPE = InputShape(channels=3, height=20, width=20, classes=4)
 SETTINGS = {

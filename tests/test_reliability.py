@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import SavedTrial, Sweep, epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, saved_trials, sweep_args, wait_for
 from tune_cnn import analysis, sweep
-from tune_cnn.data import load_data
 from tune_cnn.config import TrainConfig
+from tune_cnn.data import load_data
 from tune_cnn.train import train
+
+from conftest import SavedTrial, Sweep, epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, saved_trials, sweep_args, wait_for
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 COMPARED_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
@@ -63,7 +64,8 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint_and_matches_an_uni
     # The saved state lags the trial, so the killed worker may have reported epochs past it: count those too.
     last_before_kill = max(r["epoch"] for r in reported if r["pid"] == trial["last"]["pid"])
     assert 1 < retried_from <= last_before_kill + 1, "the retry did not start from a checkpoint"
-    df = analysis.load(experiment)
+    loaded = analysis.load(experiment)
+    df = loaded.frame
     assert df["epoch"].tolist() == list(range(1, epochs + 1)) and set(df["status"]) == {"finished"}
 
     final = reported[-1]
@@ -110,9 +112,10 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_leaves_an_interrupted_sweep
     assert "Traceback" not in output, output[-3000:]
     assert "2 trial(s) did not finish; rerun the same command with --resume to continue" in output
     assert "Tuner.restore" not in output and "Token authentication" not in output  # not Ray's advice for Python, nor its notice
-    df = analysis.load(experiment)
+    loaded = analysis.load(experiment)
+    df = loaded.frame
     # One trial was interrupted; with one trial at a time, Ray had not yet created the other.
-    assert list(df.attrs["incomplete"].values()) == ["running"]
+    assert list(loaded.context.incomplete.values()) == ["running"]
     assert set(df["status"]) == {"running"} and df["epoch"].tolist() == list(range(1, len(df) + 1))
 
 
@@ -147,10 +150,11 @@ def test_a_killed_driver_resumes_optuna_without_rerunning_finished_trials(images
         space: {{lr: {{loguniform: [1.0e-4, 1.0e-2]}}, pooling: [max, avg]}}
     """, "--max-concurrent", "1")
     kill_driver_then_resume(args, experiment, checkpoints=3)
-    df = analysis.load(experiment)
+    loaded = analysis.load(experiment)
+    df = loaded.frame
     # The driver may have made the next trial after its last save: the resumed one draws another in its place.
-    lost = [trial for trial, status in df.attrs["incomplete"].items() if status == analysis.LOST]
-    assert len(lost) <= 1 and len(df.attrs["incomplete"]) == len(lost), df.attrs["incomplete"]
+    lost = [trial for trial, status in loaded.context.incomplete.items() if status == analysis.LOST]
+    assert len(lost) <= 1 and len(loaded.context.incomplete) == len(lost), loaded.context.incomplete
     assert df["trial_id"].nunique() == samples, "Optuna drew more trials than the study's samples"
     assert set(df["status"]) == {"finished"} and epochs_per_trial(df) == [list(range(1, epochs + 1))] * samples
     # A study restarted from scratch would propose its first, seeded, learning rates again.
@@ -195,7 +199,8 @@ def test_trials_of_a_lost_node_are_rescheduled_on_the_surviving_node(two_node_cl
     assert code == 0, output[-3000:]
     moved = reports(experiment, lost["folder"])
     assert moved[-1]["node_id"] == cluster.head_node.node_id and moved[-1]["epoch"] == epochs
-    df = analysis.load(experiment)
+    loaded = analysis.load(experiment)
+    df = loaded.frame
     assert set(df["status"]) == {"finished"}
     assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * 2
 
@@ -233,7 +238,8 @@ def test_storage_that_stops_taking_writes_is_one_clear_error_and_keeps_what_was_
     freeze(experiment.parent)
     try:
         code, output = run.finish()
-        df = analysis.load(experiment)
+        loaded = analysis.load(experiment)
+        df = loaded.frame
         rewrite = subprocess.run([sys.executable, "-m", "tune_cnn.analysis", str(experiment)], capture_output=True, text=True)
         elsewhere = analysis.write_analysis(experiment, out=tmp_path / "analysis")
     finally:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_space
-from tune_cnn.errors import ConfigError
 from tune_cnn.config import InputShape
+from tune_cnn.errors import ConfigError
 from tune_cnn.space import SPACES_DIR, Distribution, Resources, load_space, space_names
+
+from conftest import write_space
 
 CIFAR_SHAPE = InputShape(3, 32, 32, 10)
 
@@ -36,8 +37,11 @@ def test_a_wheel_ships_the_spaces_where_space_py_looks_for_them(tmp_path: Path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
                     str(tmp_path / "src")], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("tune_cnn-*.whl")
-    shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/tune_cnn/search_spaces/" in n}
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if "/data/share/tune_cnn/search_spaces/" in n}
     assert shipped == {f"{name}.yaml" for name in space_names()} | {"README.md"}
+    modules = {p.relative_to(root).as_posix() for p in (root / "tune_cnn").rglob("*.py")}
+    assert modules <= set(names)  # every subpackage's modules too
 
 
 def test_seed_space_is_the_seeds_experiment():

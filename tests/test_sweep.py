@@ -4,6 +4,7 @@ Tests that run trials in this process share one small Ray session; the command-l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
 from tune_cnn import analysis, sweep
-from tune_cnn.config import CHECKPOINT_REPORTS, MODEL_FAMILIES
 from tune_cnn.errors import ConfigError
+from tune_cnn.experiment import CHECKPOINT_REPORTS, ExperimentFolder
+from tune_cnn.models import FAMILIES, Family
 from tune_cnn.space import load_space
+
+from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 QUICK_TRIALS = 4
@@ -229,7 +232,7 @@ def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path
                                             monkeypatch: pytest.MonkeyPatch):
     # A model family known to the driver only (registered in a script, not in a module the trials import)
     # passes the driver's checks and fails inside the trial, after its retries.
-    monkeypatch.setitem(MODEL_FAMILIES, "driver_only_cnn", lambda config, shape: None)
+    monkeypatch.setitem(FAMILIES, "driver_only_cnn", Family(lambda config, shape: None, "driver_only_module:build"))
     space = write_space(tmp_path, """
         fixed: {epochs: 1, model: driver_only_cnn, padding: same}
         space: {pooling: [max]}
@@ -252,7 +255,7 @@ def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Pat
     numbers = [sorted((h[-1]["config"]["lr"], h[-1]["trial_seed"], h[-1]["val_loss"]) for h in run.values()) for run in runs]
     assert numbers[0] == numbers[1]
     assert numbers[0][0][1] != numbers[0][1][1]  # the two trials got different seeds
-    df = analysis.load(tmp_path / "results" / "first")
+    df = analysis.load(tmp_path / "results" / "first").frame
     assert sorted(df["lr"].unique()) == [0.001, 0.003] and set(df["weight_decay"]) == {0.0001}
     with pytest.raises(SystemExit):
         sweep.main([str(space), "--data", str(images), "--storage", str(tmp_path / "results"), "--name", "first", "--seed", "7",
@@ -267,20 +270,11 @@ def test_a_rerun_gives_the_same_numbers(ray_session, images: Path, tmp_path: Pat
         with pytest.raises(SystemExit):
             sweep.main([*resume, "--name", name, *option])
         assert error in capsys.readouterr().err
-    experiment = sweep.Experiment(str(tmp_path / "results"), "first")
-    stored = experiment.read_metadata()
-    assert stored["data"] == str(images.resolve()) and stored["samples"] == 1
+    experiment = ExperimentFolder.for_sweep(str(tmp_path / "results"), "first")
+    stored = experiment.metadata()
+    assert stored.data == str(images.resolve()) and stored.samples == 1
     with pytest.raises(ConfigError, match=r"was started otherwise \(samples 1, now 8\)"):
-        experiment.check(resume=True, metadata={**stored, "samples": 8})  # Tune's restore would keep 1, and --resume loop
-
-
-def test_a_folder_holding_only_the_metadata_is_not_an_experiment(tmp_path: Path):
-    """Ctrl-C between the metadata and Tune's first save: a new run may take the name; --resume had nothing to resume."""
-    experiment = sweep.Experiment(str(tmp_path), "early")
-    experiment.write_metadata({"space": "quick"})
-    assert not experiment.exists()
-    (tmp_path / "early" / "experiment_state.json").write_text("{}")
-    assert experiment.exists()
+        experiment.check_start(resume=True, metadata=dataclasses.replace(stored, samples=8))  # Tune's restore would keep 1, and --resume loop
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Path, tmp_path: Path):
@@ -292,6 +286,6 @@ def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Pa
     """, "--max-concurrent", "1")
     kill_driver_then_resume(args, experiment, checkpoints=2)
     assert not list(experiment.rglob("events.out.tfevents*"))  # the resumed run, too, writes no TensorBoard files unasked
-    df = analysis.load(experiment)
+    df = analysis.load(experiment).frame
     assert set(df["status"]) == {"finished"}
     assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * QUICK_TRIALS

@@ -1,25 +1,19 @@
-import collections
-import dataclasses
-import os
 import shutil
 import subprocess
 import sys
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from tune_cnn.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from tune_cnn.config import TrainConfig
+from tune_cnn.data import load_data
+from tune_cnn.errors import ConfigError
+from tune_cnn.train import LocalCheckpoints, train
+from tune_cnn.train import main as train_main
 
 from conftest import CUDA, make_image_folder, synthetic_splits
-from tune_cnn.data import load_data
-from tune_cnn.config import TrainConfig
-from tune_cnn.errors import ConfigError
-from tune_cnn.train import (CHECKPOINT_FILE, Bf16Weights, EpochTotals, LocalCheckpoints, StepGraph, augment_batch, build_engine, load_checkpoint,
-                            normalise_pixels, pixel_normalisation, train, train_step)
-from tune_cnn.train import main as train_main
 
 METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
 
@@ -39,14 +33,6 @@ def test_reports_every_metric_every_epoch_and_checkpoints_on_schedule(small_data
     assert all(0 <= m["val_loss"] and m["images_per_second"] > 0 for m in history)
 
 
-def test_checkpoints_load_with_weights_only(small_data, tmp_path):
-    train(TrainConfig.from_flat({"epochs": 1}), small_data, quiet(tmp_path))
-    state = torch.load(tmp_path / "epoch_001" / CHECKPOINT_FILE, weights_only=True)
-    assert state["epoch"] == 1 and {"model", "optimizer", "rng", "config"} <= set(state)
-    assert state["data"] == {"seed": 0, "subset": None, "shape": [3, 20, 20, 4], "images": small_data.fingerprint}
-    assert load_checkpoint(tmp_path / "epoch_001" / CHECKPOINT_FILE)["epoch"] == 1  # the file itself, as well as its folder
-
-
 @pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05}])
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
@@ -56,16 +42,6 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, t
     for a, b in zip(straight[2:], resumed):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
             assert a[key] == b[key], key
-
-
-def test_a_checkpoint_resumes_only_its_own_model(small_data, tmp_path):
-    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50, "pooling": "avg"})
-    train(config, small_data, quiet(tmp_path))
-    checkpoint = load_checkpoint(tmp_path / "epoch_002")
-    with pytest.raises(ConfigError, match=r"^the checkpoint was trained with pooling=avg; resume with its model"):
-        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "max"), resume=checkpoint)
-    assert not (tmp_path / "max").exists()
-    assert train(config, small_data, quiet(tmp_path / "again"), resume=checkpoint) == []  # as a sweep's trial restored at its end
 
 
 def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, tmp_path, capsys):
@@ -93,7 +69,8 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
     with pytest.raises(SystemExit) as stop:
         train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_001"), "--set", "conv_width=3"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err == "error: the checkpoint was trained with conv_width=1; resume with its model, optimizer and seed (train --resume takes them from the checkpoint)\n"
+    assert capsys.readouterr().err == ("error: the checkpoint was trained with conv_width=1; resume with its model, optimizer and seed "
+                                       "(train --resume takes them from the checkpoint)\n")
     for option, message in ((["--set", "seed=8"], "the checkpoint was trained with seed=7; resume with its model, optimizer and seed"),
                             (["--subset", "10"], "--subset 10: a resumed run trains on its checkpoint's split (subset None); leave --subset out")):
         with pytest.raises(SystemExit):
@@ -125,24 +102,6 @@ def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_fold
         with pytest.raises(SystemExit) as stop:
             train_main(["--data", str(two_classes), "--resume", str(tmp_path / "trial" / "epoch_001")])
         assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
-
-
-def test_a_checkpoint_resumes_only_on_its_own_images(small_data, tmp_path):
-    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50})
-    train(config, small_data, quiet(tmp_path))
-    checkpoint = load_checkpoint(tmp_path / "epoch_002")
-    assert synthetic_splits().fingerprint == small_data.fingerprint
-    renamed = dataclasses.replace(small_data, classes=("ant", "bee", "cat", "dog"))  # small_data's shape and split
-    reordered = dataclasses.replace(small_data, train=small_data.train.take(np.arange(len(small_data.train))[::-1]))
-    assert renamed.fingerprint != small_data.fingerprint != reordered.fingerprint
-    same_shape = synthetic_splits(seed=1)  # other pixels, the same names and labels: resumable (decoders may differ)
-    assert same_shape.fingerprint == small_data.fingerprint and same_shape.shape == small_data.shape
-    with pytest.raises(ConfigError, match=r"^the checkpoint trained on other images than those of synthetic \(the same shape and split"):
-        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), renamed, quiet(tmp_path / "other"), resume=checkpoint)
-    assert not (tmp_path / "other").exists()
-    older = {**checkpoint, "data": {key: value for key, value in checkpoint["data"].items() if key != "images"}}
-    assert [m["epoch"] for m in train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "older"),
-                                      resume=older)] == [3]  # written before checkpoints had a fingerprint
 
 
 def as_if_trained_on_cuda(checkpoint: dict) -> dict:
@@ -178,30 +137,6 @@ def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
         LocalCheckpoints(Path("/proc/run"))  # a folder nobody may make anything in, root included
 
 
-def test_a_checkpoint_without_its_parts_is_one_clear_error(small_data, tmp_path):
-    (tmp_path / "partial").mkdir()
-    torch.save({"model": {}, "epoch": 3}, tmp_path / "partial" / CHECKPOINT_FILE)
-    (tmp_path / "notes.txt").write_text("hello")  # torch's safe load fails on text with a KeyError
-    for path in (tmp_path / "partial", tmp_path / "notes.txt"):
-        with pytest.raises(ConfigError, match=r"is not a tune_cnn checkpoint \(unreadable, without model, optimizer, epoch, rng, config"):
-            load_checkpoint(path)
-    config = TrainConfig.from_flat({"epochs": 2, "batch_size": 50})
-    train(config, small_data, quiet(tmp_path / "run"))
-    checkpoint = load_checkpoint(tmp_path / "run" / "epoch_002")
-    shutil.copy(tmp_path / "run" / "epoch_002" / CHECKPOINT_FILE, tmp_path / "renamed.pt")
-    assert load_checkpoint(tmp_path / "renamed.pt")["epoch"] == 2  # a checkpoint file by any name
-    assert (tmp_path / "run" / "epoch_002").stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not the temporary folder's 0700
-    edited = {**checkpoint, "model": {k: v for k, v in checkpoint["model"].items() if not k.endswith("bias")}}
-    with pytest.raises(ConfigError, match=r"^the checkpoint's weights do not fit its model \(Error\(s\) in loading state_dict"):
-        train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "edited"), resume=edited)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def test_batch_norm_leaves_out_a_last_batch_of_one_image(tmp_path):
     data = synthetic_splits(train=61, val=20, test=20)
     config = TrainConfig.from_flat({"epochs": 2, "batch_size": 20, "batch_norm": True})
@@ -216,77 +151,9 @@ def test_seeds_change_the_run(small_data, tmp_path):
     assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"] != runs[2][0]["train_loss"]
 
 
-def test_pixels_are_normalised_with_the_training_statistics():
-    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    x = torch.arange(256, dtype=torch.uint8).repeat(12).reshape(4, 3, 16, 16)  # every pixel value in every channel
-    out = normalise_pixels(x, *pixel_normalisation(mean, std, torch.device("cpu")))
-    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(out, expected, rtol=0, atol=2e-6)
-
-
-def test_augmentation_moves_pixels_within_the_padding_and_flips():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8)
-    assert augment_batch(x, "crop", generator).shape == x.shape
-    flipped = augment_batch(x, "flip", generator)
-    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
-    shifted = augment_batch(x, "crop", generator, pad=1)
-    assert set(shifted.unique().tolist()) <= set(x.unique().tolist()) | {0}
-
-
 def test_cuda_graph_changes_nothing_off_cuda(small_data, tmp_path):
     runs = [train(TrainConfig.from_flat({"epochs": 1, "device": "cpu", "cuda_graph": g}), small_data, quiet(tmp_path / str(g))) for g in (True, False)]
     assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
-
-
-def bf16_steps(settings: dict, weight_copies: bool, steps: int = 3, mode=None) -> tuple[list[torch.Tensor], float]:
-    """`steps` bf16 training steps on the CPU, under autocast alone or with Bf16Weights and a bf16 input, as the
-    CUDA graph's step runs them: the parameters after them and the summed loss."""
-    data = synthetic_splits(train=32 * steps, val=10, test=10)
-    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "precision": "bf16", **settings}), data.shape, data.mean, data.std)
-    forward = Bf16Weights(engine.model) if weight_copies else engine.model
-    normalise = partial(normalise_pixels, scale=engine.scale, shift=engine.shift, dtype=torch.bfloat16 if weight_copies else None)
-    x, y = torch.from_numpy(data.train.x).contiguous(memory_format=torch.channels_last), torch.from_numpy(data.train.y)
-    totals = EpochTotals(engine.device)
-    with mode or nullcontext():
-        for start in range(0, len(y), 32):
-            train_step(forward, engine.optimizer, normalise, x[start : start + 32], y[start : start + 32], engine.autocast, totals)
-    return [p.detach().clone() for p in engine.model.parameters()], totals.loss.item()
-
-
-@pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "dropout": 0.3}])
-def test_bf16_weight_copies_and_input_train_bit_for_bit_as_autocast_alone(settings):
-    (plain, plain_loss), (copied, copied_loss) = (bf16_steps(settings, weight_copies) for weight_copies in (False, True))
-    assert copied_loss == plain_loss and all(torch.equal(a, b) for a, b in zip(plain, copied))
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_bf16_weight_copies_replace_autocasts_casts_by_two_multi_tensor_copies():
-    plain, copied = CountOps(), CountOps()
-    bf16_steps({}, False, steps=1, mode=plain), bf16_steps({}, True, steps=1, mode=copied)
-    # Autocast: 10 parameters there and back, the input, the logits there and back (23 with torch 2.14).
-    assert plain.counts["_to_copy"] >= 21 and plain.counts["_foreach_copy_"] == 0
-    assert copied.counts["_to_copy"] == 2 and copied.counts["_foreach_copy_"] == 2  # the logits to float32 for the loss, and back
-
-
-def test_a_batch_gathers_straight_into_a_channels_last_buffer_as_indexing_gathers_it():
-    """What StepGraph.step_at relies on: index_select into the graph's input keeps its layout and gathers as x[index]."""
-    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    out = torch.zeros((16, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    strides, pointer = out.stride(), out.data_ptr()
-    index = torch.randperm(50)[:16]
-    torch.index_select(x, 0, index, out=out)
-    assert torch.equal(out, x[index]) and out.stride() == strides and out.data_ptr() == pointer
 
 
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
@@ -304,65 +171,6 @@ def test_cuda_graph_trains_like_the_eager_engine(small_data, tmp_path, settings)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
         assert abs(a["train_acc"] - b["train_acc"]) <= 0.02 and abs(a["val_acc"] - b["val_acc"]) <= 0.03
     assert graphed[-1]["val_acc"] > 0.9
-
-
-@CUDA
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data, compile):
-    """With compile, the graph holds torch.compile's fused kernels: the short last batch recompiles, outside it."""
-    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "dropout": 0.3, "compile": compile})
-    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
-    data = engine.put(small_data.train)
-    losses = [engine.train_epoch(data)[0] for _ in range(4)]
-    assert engine.graph.eager_steps == 3 and engine.graph.replays == 4 * 9 - 3
-    assert losses[-1] < losses[0] / 2  # bf16 with dropout in the graph still learns
-    assert not torch.backends.cudnn.benchmark  # cuDNN's heuristics: timing its algorithms cost more than it saved
-
-
-@CUDA
-@pytest.mark.parametrize("settings", [{}, {"batch_norm": True}])
-def test_the_bf16_cuda_graph_runs_on_weight_copies_and_trains_as_the_eager_engine(small_data, settings):
-    """Without dropout, whose masks the graph draws from other offsets of the generator than eager steps do. Dropout
-    on the weight copies: test_cuda_graph_replays_every_full_batch_after_warm_up, and bit for bit on the CPU."""
-    base = {"batch_size": 64, "device": "cuda", "precision": "bf16", **settings}
-    runs = []
-    for graph in (False, True):
-        engine = build_engine(TrainConfig.from_flat({**base, "cuda_graph": graph}), small_data.shape, small_data.mean, small_data.std)
-        data = engine.put(small_data.train)
-        runs.append([engine.train_epoch(data) for _ in range(3)])
-    assert isinstance(engine.graph.forward, Bf16Weights) and engine.graph.replays == 3 * 9 - 3
-    for (loss_a, acc_a), (loss_b, acc_b) in zip(*runs):
-        assert loss_b == pytest.approx(loss_a, rel=2e-2) and abs(acc_a - acc_b) <= 0.03
-    assert runs[1][-1][0] < runs[1][0][0] / 2
-
-
-@CUDA
-@pytest.mark.parametrize("settings", [{"precision": "fp32"}, {"compile": True}])
-def test_the_cuda_graph_keeps_the_model_itself_in_fp32_or_compiled(small_data, settings):
-    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, **settings})
-    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
-    assert engine.graph.forward is engine.step
-
-
-@CUDA
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_batches_gathered_into_the_cuda_graph_train_bit_for_bit_as_copied_in(small_data, precision, monkeypatch):
-    """With cuDNN's deterministic algorithms: its default fp32 ones made two runs of the same graph differ in the
-    fifth digit of the loss on an H100."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "precision": precision, "dropout": 0.3})
-
-    def copied_in(graph: StepGraph, data, index):
-        graph.step(data.x[index], data.y[index])
-
-    runs = []
-    for step_at in (StepGraph.step_at, copied_in):
-        monkeypatch.setattr(StepGraph, "step_at", step_at)
-        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
-        data = engine.put(small_data.train)
-        runs.append([engine.train_epoch(data) for _ in range(3)])
-        assert engine.graph.replays == 3 * 9 - 3
-    assert runs[0] == runs[1]  # the same batches into the same captured step
 
 
 @CUDA

@@ -2,21 +2,22 @@
 `--set NAME=VALUE`) in one place: TrainConfig, with the architecture in ModelConfig.
 
 No torch here: a sweep's driver, its dry run and the analysis read and check settings without importing it,
-and only the processes that train pay for it (tune_cnn.models builds the models these configs describe).
+and only the processes that train pay for it (tune_cnn.models builds the models these configs describe and
+checks that they fit the images).
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from typing import Any, Literal, get_args, get_type_hints
 
-from tune_cnn.errors import ConfigError
+from pydantic import TypeAdapter, ValidationError
 
-# Each sweep checkpoint's copy of its trial's params and reports so far, written by the trial (tune_cnn.sweep) and
-# read by tune_cnn.analysis: named here because both read this module and neither imports the other.
-CHECKPOINT_REPORTS = "reports.json"
+from tune_cnn.errors import ConfigError
+from tune_cnn.models import family
 
 Augment = Literal["none", "flip", "crop", "crop_flip"]
 AUGMENTATIONS = get_args(Augment)
@@ -56,8 +57,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_FAMILIES:
-            raise ConfigError(f"model '{self.model}' is unknown; choose one of: {', '.join(sorted(MODEL_FAMILIES))}")
+        family(self.model)  # an unknown name is one error listing the known ones
         if self.conv_width < 1 or self.conv_width % 2 == 0:
             raise ConfigError(f"conv_width {self.conv_width} is not allowed; use an odd integer >= 1 (1, 3, 5, 7)")
         if self.padding not in ("valid", "same"):
@@ -71,42 +71,10 @@ class ModelConfig:
 
     def check_fits(self, shape: InputShape) -> None:
         """A ConfigError where this model cannot take images of `shape` (a feature map shrunk below 1x1)."""
-        MODEL_FAMILIES[self.model](self, shape)
+        family(self.model).fits(self, shape)
 
 
 MODEL_SETTINGS = tuple(f.name for f in fields(ModelConfig))
-
-
-# --- Model families ----------------------------------------------------------------------------------------
-
-ShapeCheck = Callable[[ModelConfig, InputShape], None]
-
-
-def seed_feature_sizes(config: ModelConfig, size: int) -> list[int]:
-    """Side length of the feature map after each convolution and pooling of the seed family."""
-    shrink = 0 if config.padding == "same" else config.conv_width - 1
-    sizes = []
-    for i in range(len(config.filters)):
-        size -= shrink
-        sizes.append(size)
-        if i < len(config.filters) - 1:
-            size //= 2
-            sizes.append(size)
-    return sizes
-
-
-def check_seed_cnn_fits(config: ModelConfig, shape: InputShape) -> None:
-    if min(seed_feature_sizes(config, min(shape.height, shape.width))) < 1:
-        fix = "fewer filters (layers)" if config.padding == "same" else "padding 'same', a smaller conv_width or fewer filters"
-        raise ConfigError(
-            f"conv_width {config.conv_width} with {config.padding} padding shrinks a {shape.height}x{shape.width} "
-            f"image below 1x1 in {len(config.filters)} convolutions and the poolings between them; use {fix}"
-        )
-
-
-# The model families a config may name, each with its check that a config fits the images; tune_cnn.models
-# registers the builders (models.register adds a new family to both).
-MODEL_FAMILIES: dict[str, ShapeCheck] = {"seed_cnn": check_seed_cnn_fits}
 
 
 # --- Training ----------------------------------------------------------------------------------------------
@@ -179,29 +147,24 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:
-    """Accept a value of the setting's type (an int where a float is due); otherwise one clear error."""
+    """Accept a value of the setting's type (an int where a float is due, a list where a tuple is), by pydantic's
+    strict validation; otherwise one clear error."""
     choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
     if choices is not None:
         if value not in choices:
             raise ConfigError(f"{name} '{value}' is not allowed; use one of: {', '.join(map(str, choices))}")
         return value
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        value = float_text(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:  # tuple[int, ...]
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    if not ok:
+    value = float_text(value) if hint is float else value
+    try:
+        return _validator(hint).validate_python(tuple(value) if isinstance(value, list) else value, strict=True)
+    except ValidationError:
         expected = "list of integers, such as [32, 64, 64]" if hint == tuple[int, ...] else hint.__name__
-        raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}")
-    return value
+        raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}") from None
+
+
+@cache
+def _validator(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint)
 
 
 def float_text(value: Any) -> Any:

@@ -1,14 +1,10 @@
-"""The engine's optimizers: torch's fused AdamW and SGD kernels, called without torch.optim.Optimizer.
+"""The engine's optimizers: torch's fused AdamW and SGD kernels, called without torch.optim.Optimizer, whose first
+use imports torch._dynamo, most of a trial's start-up (benchmarks/README.md).
 
-torch.optim.Optimizer imports torch._dynamo the first time one is built (its methods are wrapped to keep
-torch.compile out of them). That import is 0.9 s on this project's 2-core CPU, and it was most of the
-3.2 s that each of six trial processes starting together on an H100 machine spent building its engine,
-before its first epoch. The update here is the functional call that torch.optim.AdamW(fused=True) and
-SGD(fused=True) make themselves, so the numbers are bit for bit theirs, and state_dict() has torch.optim's
-layout, so a checkpoint loads into either (tests/test_optim.py).
-
-Fused kernels: one launch per step for all parameters on CUDA, and 2-4% faster than foreach on the CPU
-(measured). Their hyperparameters are torch.optim's defaults except where the config sets them.
+The update here is the functional call that torch.optim.AdamW(fused=True) and SGD(fused=True) make themselves,
+so the numbers are bit for bit theirs, and state_dict() has torch.optim's layout, so a checkpoint loads into
+either (tests/test_optim.py). Fused kernels: one launch per step for all parameters on CUDA, and faster than
+foreach on the CPU. Their hyperparameters are torch.optim's defaults except where the config sets them.
 """
 from __future__ import annotations
 

@@ -34,8 +34,7 @@ TOP_KEYS = ("search", "metric", "mode", "samples", "scheduler", "resources", "fi
 METRIC_MODES = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
-# `gpu: auto` packs 8 trials per GPU. Measured on an H200 (benchmarks/README.md), seed model, batch 32, CUDA-graph
-# engine: 8 trial processes train 3.8x one trial's images/s under CUDA MPS, and 0.96x without it (no loss).
+# `gpu: auto` packs 8 trials per GPU: under CUDA MPS eight train nearly 4x one trial's images/s (benchmarks/README.md).
 AUTO_GPU_PER_TRIAL = 0.125
 MAX_INT_PROBES = 64  # an int range up to this long is checked value by value
 

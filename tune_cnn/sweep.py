@@ -3,8 +3,9 @@
     python -m tune_cnn.sweep [SPACE] [--data ...] [--storage DIR|s3://...] [--address auto] [--resume] [--dry-run]
 
 The driver checks the space and the models against the data before Ray starts, loads and decodes the data
-once and hands it to every trial through Ray's object store, writes `tune_cnn.json` (what the analysis
-needs to read the experiment folder) and lets Ray Tune schedule, checkpoint, retry and resume the trials.
+once and hands it to every trial through Ray's object store, records the sweep in its experiment folder
+(tune_cnn.experiment) and lets Ray Tune schedule, checkpoint, retry and resume the trials. At the end it writes
+the analysis (tune_cnn.analysis) and prints its best trials.
 """
 from __future__ import annotations
 
@@ -13,30 +14,23 @@ import gc
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-import signal
-import socket
-import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tune_cnn.config import CHECKPOINT_REPORTS, TrainConfig
+from tune_cnn.cluster import ray_session, trial_resources, warn_if_storage_is_not_shared
+from tune_cnn.config import TrainConfig
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, StorageError, TuneCnnError, check_folder_can_be_made, exit_on_user_error, first_line
+from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, exit_on_user_error
+from tune_cnn.experiment import ExperimentFolder, Metadata, comparable_data, save_reports, saved_reports
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 
 PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
-BEST_ROWS = 5
 MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
-AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster's config on its head
-CONNECT_TIMEOUT_S = 30.0  # how long joining --address may take before the sweep gives up
 
 
 # --- The trainable (runs in a Ray worker) ------------------------------------------------------------------
@@ -60,11 +54,10 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
     import torch
     from ray import tune
 
-    from tune_cnn.train import load_checkpoint, train
+    from tune_cnn.checkpoints import load_checkpoint
+    from tune_cnn.train import train
 
     sys.unraisablehook = quiet_interrupts_in_callbacks
-    # Trials reuse actors (make_tuner): free the previous trial's engine now, whose CUDA graph refers back to it.
-    gc.collect()
     torch.set_num_threads(threads)
     # Ray logs a line per saved checkpoint; the progress table already shows each trial's epoch.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -81,25 +74,11 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
     def report(metrics: dict[str, float], folder: Path | None) -> None:
         reports.append({**metrics, **extra})
         if folder:
-            (folder / CHECKPOINT_REPORTS).write_text(json.dumps({"params": params, "reports": reports}))
+            save_reports(folder, params, reports)
         # A copy: Ray adds its own fields to the dict it is given (_TrainSession._auto_fill_metrics).
         tune.report(dict(reports[-1]), checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     train(config, data, report, resume)
-
-
-def saved_reports(checkpoint: Path) -> list[dict[str, Any]]:
-    """The reports a trial saved with its checkpoint, epoch 1 onwards (none in checkpoints of older versions),
-    beside its params.
-
-    Why the trial keeps them: Ray's driver writes params.json, result.json and progress.csv and uploads them by
-    rewriting them whole, every second in the tests and every 10 s or more by default. A driver killed during an
-    upload leaves them cut short, and a resumed trial carries on from those copies (in a test run, one lacked
-    its first six epochs). Checkpoints are uploaded by the trials themselves, so the analysis fills gaps from
-    the newest one's params and reports.
-    """
-    path = checkpoint / CHECKPOINT_REPORTS
-    return json.loads(path.read_text())["reports"] if path.is_file() else []
 
 
 def quiet_interrupts_in_callbacks(unraisable: Any) -> None:
@@ -171,24 +150,37 @@ def main(argv: list[str] | None = None) -> int:
         print(notice)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
-    experiment = Experiment(args.storage, space.name if args.name is None else args.name)
+    experiment = ExperimentFolder.for_sweep(args.storage, space.name if args.name is None else args.name)
     metadata = sweep_metadata(space, data)
     if args.dry_run:
         if args.resume:  # storage that cannot be reached, or a resume that would fail, is one line before the listing
-            experiment.check(resume=True, metadata=metadata)
-        exists = not args.resume and experiment.exists()
+            experiment.check_start(resume=True, metadata=metadata)
+        exists = not args.resume and experiment.holds_a_sweep()
         print(describe_trials(space, data))
         if exists:
-            print(f"notice: experiment {experiment.path} already exists; the run needs --resume to continue it, or another --name")
+            print(f"notice: experiment {experiment.location} already exists; the run needs --resume to continue it, or another --name")
         return 0
-    experiment.check(resume=args.resume, metadata=metadata)
+    experiment.check_start(resume=args.resume, metadata=metadata)
     print(data.describe(), flush=True)
+    from tune_cnn.analysis.plots import plot_workers  # not before: a bad input's one line comes without pandas
+
     # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
     plots = len(space.swept) + 3  # one by each swept setting, by epoch, the learning curves, the effects
     with ray_session(args.address), plot_workers(plots) as plotters:
         results = run_sweep(space, data, experiment, metadata, args)
         experiment.check_writable()  # trials that could not save have errored; say why, once
         return report_results(results, space, experiment, plotters)
+
+
+def sweep_metadata(space: SearchSpace, data: DataSplits) -> Metadata:
+    """What the analysis needs to read the experiment folder without importing the trainable, and what a resume
+    must match."""
+    return Metadata(
+        space=space.name, space_path=str(space.source), space_yaml=space.text, search=space.search, metric=space.metric,
+        mode=space.mode, swept=space.swept, sampled=[name for name, values in space.space.items() if isinstance(values, Distribution)],
+        fixed=json.loads(json.dumps(space.fixed)), checkpoint_epochs=space.checkpoint_epochs, epochs=space.epochs,
+        data=comparable_data(data.source), subset=space.subset, samples=space.samples, sweep_seed=space.seed,
+    )
 
 
 # --- Dry run -----------------------------------------------------------------------------------------------
@@ -229,300 +221,7 @@ def _scheduler_text(space: SearchSpace) -> str:
     return f"asha (grace period {s.grace_period}, reduction factor {s.reduction_factor:g}, max_t {s.max_t})"
 
 
-# --- Storage and metadata ----------------------------------------------------------------------------------
-
-
-class Experiment:
-    """The experiment folder, local or on cloud storage (pyarrow file systems speak both)."""
-
-    def __init__(self, storage: str, name: str):
-        if not storage.strip():
-            raise ConfigError("--storage is empty; pass a folder for the experiments or a URI such as s3://bucket/path")
-        if name in ("", ".", "..") or "/" in name or "\\" in name:
-            raise ConfigError(f"--name '{name}' is not a folder name; name the experiment only and choose its place with --storage")
-        self.is_uri = "://" in storage
-        self.storage = storage.rstrip("/") if self.is_uri else str(Path(storage).expanduser().resolve())
-        if not self.is_uri:
-            check_folder_can_be_made(Path(self.storage), f"--storage {storage}", "pass a folder for the experiments (it is made if missing)")
-        self.name = name
-        self.path = f"{self.storage}/{name}"
-
-    def _fs(self):
-        import pyarrow.fs
-
-        try:
-            return pyarrow.fs.FileSystem.from_uri(self.path)
-        except pyarrow.ArrowInvalid:
-            raise ConfigError(f"--storage {self.storage} is neither a folder nor a URI that pyarrow opens (s3://, gs://, file://)") from None
-        except OSError as error:  # s3:// asks for the bucket's region here
-            raise self._unreachable(error) from None
-
-    def exists(self) -> bool:
-        """True where the folder holds a sweep. One that holds only this tool's metadata (Ctrl-C came before Tune
-        saved anything) does not count: a new run may take the name again, where --resume has nothing to resume."""
-        import pyarrow.fs
-        from tune_cnn.analysis import METADATA_FILE
-
-        fs, path = self._fs()
-        try:
-            if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-                return False
-            return [Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(path))] != [METADATA_FILE]
-        except OSError as error:
-            raise self._unreachable(error) from None
-
-    def _unreachable(self, error: OSError) -> StorageError:
-        """Cloud storage that does not answer, or refuses these credentials."""
-        return StorageError(f"cannot reach the experiment folder {self.path} ({first_line(error)}); check --storage, the network and the credentials")
-
-    def read_metadata(self) -> dict[str, Any] | None:
-        from tune_cnn.analysis import METADATA_FILE
-
-        fs, path = self._fs()
-        try:
-            with fs.open_input_stream(f"{path}/{METADATA_FILE}") as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, OSError):
-            return None
-
-    def write_metadata(self, metadata: dict[str, Any]) -> None:
-        from tune_cnn.analysis import METADATA_FILE
-
-        with self._writing(started=False):
-            fs, path = self._fs()
-            fs.create_dir(path, recursive=True)
-            with fs.open_output_stream(f"{path}/{METADATA_FILE}") as f:
-                f.write(json.dumps(metadata, indent=2).encode())
-
-    def check_writable(self) -> None:
-        """After a sweep: storage that stopped taking writes is why trials errored, so it is the one error."""
-        with self._writing(started=True):
-            fs, path = self._fs()
-            probe = f"{path}/.tune_cnn_write_test"
-            with fs.open_output_stream(probe) as f:
-                f.write(b"ok")
-            fs.delete_file(probe)
-
-    @contextmanager
-    def _writing(self, started: bool):
-        """A write that fails (permissions, a full disk) is one line; a started sweep keeps what it saved."""
-        try:
-            yield
-        except OSError as error:
-            kept = "; what was saved before is kept, continue with --resume once it is fixed" if started else ""
-            raise StorageError(
-                f"cannot write to the experiment folder {self.path} ({error.strerror or error}); free space or fix its permissions{kept}"
-            ) from None
-
-    def check(self, resume: bool, metadata: dict[str, Any]) -> None:
-        """A new sweep needs a fresh name; a resumed one needs its experiment, run with the same inputs."""
-        from ray.tune import Tuner
-
-        if not resume:
-            if self.exists():
-                raise ConfigError(f"experiment {self.path} already exists; add --resume to continue it or choose another --name")
-            return
-        if not self.exists() or not Tuner.can_restore(self.path):
-            raise ConfigError(f"no experiment to resume at {self.path}; check --storage and --name, or drop --resume")
-        stored = self.read_metadata() or {}
-        stored.setdefault("samples", metadata["samples"])  # experiments from before 2026-11-27 did not record it
-        for key in ("space_yaml", "data", "subset", "sweep_seed", "fixed", "samples"):
-            if _comparable(key, stored.get(key)) != _comparable(key, metadata[key]):
-                raise ConfigError(f"experiment {self.path} was started otherwise ({_change(key, stored.get(key), metadata[key])}); "
-                                  f"resume it with the same space and options")
-
-
-def sweep_metadata(space: SearchSpace, data: DataSplits) -> dict[str, Any]:
-    """What the analysis needs to read the experiment folder without importing the trainable."""
-    return {
-        "space": space.name,
-        "space_path": str(space.source),
-        "space_yaml": space.text,
-        "search": space.search,
-        "metric": space.metric,
-        "mode": space.mode,
-        "swept": space.swept,
-        "sampled": [name for name, values in space.space.items() if isinstance(values, Distribution)],
-        "fixed": json.loads(json.dumps(space.fixed)),
-        "checkpoint_epochs": space.checkpoint_epochs,
-        "epochs": space.epochs,
-        "data": _comparable("data", data.source),
-        "subset": space.subset,
-        "samples": space.samples,
-        "sweep_seed": space.seed,
-    }
-
-
-def _comparable(key: str, value: Any) -> Any:
-    """A local --data path as the absolute path it names, so a resume may spell it otherwise (relative, ~)."""
-    if key == "data" and isinstance(value, str) and Path(value).expanduser().exists():
-        return str(Path(value).expanduser().resolve())
-    return value
-
-
-def _change(key: str, was: Any, now: Any) -> str:
-    """What differs between a stored metadata value and this run's, in the words of the options that set it."""
-    if key == "space_yaml":
-        return "its search space file has changed"
-    if key == "fixed":
-        was = was or {}
-        changed = [k for k in sorted(set(was) | set(now), key=str) if was.get(k) != now.get(k)]
-        return ", ".join(f"{k} {was.get(k)!r}, now {now.get(k)!r}" for k in changed)
-    option = {"data": "--data", "subset": "subset", "sweep_seed": "seed", "samples": "samples"}[key]
-    return f"{option} {was!r}, now {now!r}"
-
-
-# --- Ray ---------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def ray_session(address: str | None):
-    """Ray for the length of the block: started here and shut down after it, or joined at `address`."""
-    import ray
-
-    # The compact CLIReporter table needs Tune's classic output engine; set before Ray starts its processes.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    started = connect_ray(address)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def not_the_token_auth_notice(record: logging.LogRecord) -> bool:
-    """Ray's notice that a local session uses its default, token authentication, is no news to a sweep's user and
-    would come before a one-line error; its warning where authentication is off still shows."""
-    return not record.getMessage().startswith("Token authentication is enabled")
-
-
-def not_tunes_restore_advice(record: logging.LogRecord) -> bool:
-    """Tune's advice after Ctrl-C is Python (Tuner.restore); report_results gives the command's: --resume."""
-    return not record.getMessage().startswith("Experiment has been interrupted")
-
-
-def connect_ray(address: str | None) -> bool:
-    """Start Ray locally, or join the cluster at `address`; True when this call started the session."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        check_cluster_answers(address)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(not_the_token_auth_notice)
-    with interrupt_after():
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:  # no dashboard on a laptop: nothing listens on a network port (the cluster's head runs its own)
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    return True
-
-
-@contextmanager
-def interrupt_after() -> Iterator[None]:
-    """Ctrl-C waits for the block to end: interrupted midway, ray.init left a traceback and at times a crash at exit."""
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def check_cluster_answers(address: str) -> None:
-    """ray.init retries for minutes where no Ray cluster answers; find out within CONNECT_TIMEOUT_S instead."""
-    try:
-        _refuse_fast(address)
-        # Something listening is not yet a Ray cluster: join it from a throwaway process that can be timed out.
-        probe = subprocess.run(
-            [sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR')", address],
-            capture_output=True, text=True, timeout=CONNECT_TIMEOUT_S,
-        )
-        if probe.returncode != 0:
-            raise OSError((probe.stderr.strip().splitlines() or ["ray.init failed"])[-1])
-    except subprocess.TimeoutExpired:
-        reason = f"no answer within {CONNECT_TIMEOUT_S:g} s"
-    except (OSError, ValueError) as error:
-        reason = str(error)
-    else:
-        return
-    raise ConfigError(
-        f"no Ray cluster answers at --address {address} ({reason}); check HOST:PORT of the head node "
-        f"(port 6379 by default), or start a cluster there with `ray start --head`"
-    )
-
-
-def _refuse_fast(address: str) -> None:
-    """A HOST:PORT where nothing listens fails in a TCP connect, without a Ray start-up."""
-    if address == "auto" or "://" in address:  # Ray resolves these itself (the local cluster's file, Ray Client)
-        return
-    host, _, port = address.rpartition(":")
-    socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-
-
-def cluster_gpus() -> float:
-    """GPUs the cluster has now or, where it has none, can scale to when an autoscaler is configured with GPU node types."""
-    import ray
-
-    # Asking for the autoscaler's config takes about 2 s, so only where no GPU is there yet.
-    return float(ray.cluster_resources().get("GPU", 0)) or scalable_gpus()
-
-
-def scalable_gpus() -> float:
-    """GPUs an autoscaler may add."""
-    return float((autoscaler_limits() or {}).get("GPU", 0))
-
-
-def autoscaler_limits() -> dict[str, float] | None:
-    """The most of each resource an autoscaler may add, from the config Ray reports (autoscaler v2, KubeRay) or
-    `ray up`'s on the head (its GPUs); None where no autoscaler is configured."""
-    try:
-        from ray._private.state import state
-
-        reported = state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API, and absent off a cluster: then only the head's config file counts
-        reported = None
-    path = AUTOSCALER_CONFIG.expanduser()
-    if not path.is_file():
-        return reported
-    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {}).values()
-    configured = sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in node_types)
-    return {**(reported or {}), "GPU": max(float((reported or {}).get("GPU", 0)), float(configured))}
-
-
-def trial_resources(space: SearchSpace) -> dict[str, float]:
-    """The space's resources per trial on this cluster: GPU requests are dropped where no GPU can come."""
-    requested = space.resources.gpu
-    gpu = space.resources.resolve_gpu(cluster_gpus())
-    if requested and not gpu and space.asks_for_cuda:
-        raise ConfigError("the space sets device cuda and the Ray cluster has no GPU; set device auto to run the trials on CPUs")
-    if requested and not gpu:
-        print(f"notice: the Ray cluster has no GPU; running the trials on CPUs only (gpu {requested} per trial was asked for)")
-    resources = {"cpu": space.resources.cpu, "gpu": gpu}
-    check_a_node_fits(resources)
-    return resources
-
-
-def check_a_node_fits(resources: dict[str, float]) -> None:
-    """Ray leaves a trial that no node can hold PENDING for ever: a ConfigError instead, unless an autoscaler may
-    bring larger nodes."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if any(all(node.get(key.upper(), 0) >= amount for key, amount in resources.items()) for node in nodes):
-        return
-    if autoscaler_limits() is not None:
-        return
-    joining = "; if nodes are still joining, start the sweep once they have"
-    for key, option in (("cpu", "--cpus-per-trial"), ("gpu", "--gpus-per-trial")):
-        largest = max(n.get(key.upper(), 0) for n in nodes)
-        if resources[key] > largest:
-            raise ConfigError(f"a trial asks for {resources[key]:g} {key.upper()}(s) and the largest node of the Ray cluster has "
-                              f"{largest:g}; lower {option} (or resources.{key} in the space){joining}")
-    raise ConfigError(f"a trial asks for {resources['cpu']:g} CPU(s) and {resources['gpu']:g} GPU(s) and no node of the Ray cluster "
-                      f"has both; lower --cpus-per-trial or --gpus-per-trial (or resources in the space){joining}")
+# --- The tuner -----------------------------------------------------------------------------------------------
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
@@ -549,7 +248,7 @@ def make_trainable(space: SearchSpace, data: DataSplits, resources: dict[str, fl
     return tune.with_resources(trainable, resources)
 
 
-def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, resources: dict[str, float],
+def make_tuner(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, resources: dict[str, float],
                max_concurrent: int | None, tensorboard: bool):
     from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig, TuneConfig, Tuner
 
@@ -566,6 +265,7 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, res
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on stderr
         search_alg = OptunaSearch(seed=space.seed)
+    storage, name = experiment.location.rsplit("/", 1)
     reporter = CLIReporter(
         parameter_columns=space.swept, metric_columns=list(PROGRESS_METRICS), max_report_frequency=10, sort_by_metric=True,
     )
@@ -579,7 +279,7 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, res
             reuse_actors=True,
         ),
         run_config=RunConfig(
-            name=experiment.name, storage_path=experiment.storage, verbose=1, progress_reporter=reporter,
+            storage_path=storage, name=name, verbose=1, progress_reporter=reporter,
             callbacks=result_loggers(tensorboard),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every snapshot is kept for the analysis
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
@@ -590,7 +290,7 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: Experiment, res
 def result_loggers(tensorboard: bool) -> list:
     """What each trial's results are written as: result.json and progress.csv, which the analysis reads, and
     TensorBoard's event files when asked. Tune adds TensorBoard's by default, whose writer (tensorboardX) imports
-    torch into the sweep's driver as the trials start (importing torch takes 1.3-1.4 s on a 2-core CPU)."""
+    torch into the sweep's driver as the trials start, which costs the driver more than a second."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
     return [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if tensorboard else [])
@@ -611,7 +311,12 @@ def only_our_loggers() -> Iterator[None]:
             os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = previous
 
 
-def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, metadata: dict[str, Any], args: argparse.Namespace):
+def not_tunes_restore_advice(record: logging.LogRecord) -> bool:
+    """Tune's advice after Ctrl-C is Python (Tuner.restore); report_results gives the command's: --resume."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
+
+
+def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, metadata: Metadata, args: argparse.Namespace):
     from ray.tune import Tuner
 
     # After Ctrl-C, trials that never started have no results; Ray warns about each, with a FileNotFoundError,
@@ -619,10 +324,10 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, meta
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(not_tunes_restore_advice)
     resources = trial_resources(space)
-    warn_if_storage_is_not_shared(experiment)
+    warn_if_storage_is_not_shared(experiment.location.rsplit("/", 1)[0])
     if args.resume:
         restored = make_trainable(space, data, resources)
-        tuner = Tuner.restore(experiment.path, trainable=restored, resume_unfinished=True, resume_errored=True)
+        tuner = Tuner.restore(experiment.location, trainable=restored, resume_unfinished=True, resume_errored=True)
     else:
         experiment.write_metadata(metadata)
         tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
@@ -630,90 +335,41 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: Experiment, meta
         return tuner.fit()
 
 
-def warn_if_storage_is_not_shared(experiment: Experiment) -> None:
-    import ray
-
-    if not experiment.is_uri and len([n for n in ray.nodes() if n["Alive"]]) > 1:
-        print(
-            f"notice: storage {experiment.storage} is a local folder on a multi-node cluster; trials on other nodes "
-            f"can only save there if it is shared (NFS); use --storage s3://... otherwise"
-        )
-
-
 # --- The end of a sweep ------------------------------------------------------------------------------------
 
 
-def report_results(results, space: SearchSpace, experiment: Experiment, plotters: Executor | None = None) -> int:
-    """Print the best trials, the experiment folder and the analysis; 0 if every trial finished, else 1."""
-    print_best(results, space)
-    print(f"experiment: {experiment.path}")
-    print_analysis(experiment, plotters)
+def report_results(results, space: SearchSpace, experiment: ExperimentFolder, plotters: Executor | None = None) -> int:
+    """Print the experiment folder, the best trials and the analysis; 0 if every trial finished, else 1."""
+    write_and_show_analysis(experiment, plotters)
     failed = [r for r in results if r.error]
     if failed:
         names = ", ".join(f"{Path(r.path).name} ({_settings_text({n: r.config.get(n) for n in space.swept})})" for r in failed)
         print(f"{len(failed)} trial(s) errored: {names}; see error.txt in their folders", file=sys.stderr)
-    ended = [status for status in saved_trial_statuses(experiment) if status in ("TERMINATED", "ERROR")]
-    unfinished = space.trial_count - len(ended)
+    # After Ctrl-C, Tune saves its state, then marks the trials it stops TERMINATED in memory: the saved state counts.
+    saved = experiment.saved_state(experiment.storage.listing()[0]).trials.values()
+    unfinished = space.trial_count - sum(status in ("TERMINATED", "ERROR") for _, status in saved)
     if unfinished > 0:  # the sweep was interrupted (Ctrl-C): Tune saved its state
         print(f"{unfinished} trial(s) did not finish; rerun the same command with --resume to continue", file=sys.stderr)
     return 1 if failed or unfinished > 0 else 0
 
 
-def saved_trial_statuses(experiment: Experiment) -> list[str]:
-    """Trial statuses as Tune saved them: after Ctrl-C it saves, then marks the trials it stops TERMINATED in memory."""
-    from ray.tune import ExperimentAnalysis
+def write_and_show_analysis(experiment: ExperimentFolder, plotters: Executor | None) -> None:
+    """The experiment folder, the analysis's best trials and the analysis written beside them."""
+    from tune_cnn import analysis
+    from tune_cnn.analysis.report import readable
 
-    return [trial.status for trial in ExperimentAnalysis(experiment.path).trials]
-
-
-def print_best(results, space: SearchSpace) -> None:
-    frame = results.get_dataframe(filter_metric=space.metric, filter_mode=space.mode)
-    if frame.empty or space.metric not in frame:
-        print("no trial reported a result")
-        return
-    columns = [f"config/{n}" for n in space.swept] + [c for c in ("epoch", "val_acc", "val_loss", "test_acc") if c in frame]
-    best = frame.sort_values(space.metric, ascending=space.mode == "min").head(BEST_ROWS)[columns]
-    best.columns = [c.removeprefix("config/") for c in columns]
-    print(f"best trials by {space.metric} ({space.mode}, best epoch of each):")
-    print(best.to_string(index=False, float_format=lambda v: f"{v:.4g}"))  # lr 1.2e-4 stays readable
-
-
-def print_analysis(experiment: Experiment, plotters: Executor | None = None) -> None:
-    from tune_cnn.analysis import write_analysis
-
+    print(f"experiment: {experiment.location}")
     try:
-        print(f"analysis: {write_analysis(experiment.path, plotters=plotters)}")
-    except TuneCnnError as error:  # e.g. every trial errored: the sweep's own outcome still stands
+        sweep = analysis.load(experiment.location)
+        best = analysis.best_trials(sweep)
+        if best.empty:
+            print("no trial reported a result")
+        else:
+            print(f"best trials by {sweep.context.metric} ({sweep.context.mode}, best epoch of each):")
+            print(readable(best).to_string(index=False, float_format=lambda v: f"{v:.4g}"))  # lr 1.2e-4 stays readable
+        print(f"analysis: {analysis.analyse_into(sweep, plotters=plotters)}")
+    except TuneCnnError as error:  # storage lost at the end: the sweep's own outcome still stands
         print(f"analysis: skipped ({error})")
-
-
-@contextmanager
-def plot_workers(plots: int) -> Iterator[Executor]:
-    """Processes that draw the analysis's plots at the sweep's end, all at once, one per plot up to one per core.
-
-    They start with the sweep and import pandas and matplotlib while the trials train, at low priority so the
-    trials come first; drawn one after another in the driver, the seed space's five plots and those imports
-    took 1.8-2.8 s on a 2-core CPU and about 3 s on an H100 machine. They ignore Ctrl-C, which the sweep handles.
-    """
-    count = max(1, min(plots, os.cpu_count() or 1))
-    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=_start_plot_worker)
-    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the processes started meanwhile
-    try:
-        for _ in range(count):  # the pool starts a process for each task that finds none idle
-            pool.submit(int)
-    finally:
-        signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _start_plot_worker() -> None:
-    os.nice(10)
-    from tune_cnn.analysis import prepare_plotting
-
-    prepare_plotting()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""The training engine: normalisation, augmentation, bf16 weight copies, the CUDA graph's parts, and (on a GPU)
+the CUDA graph itself against the eager engine."""
+import collections
+import dataclasses
+import gc
+import weakref
+from contextlib import nullcontext
+from functools import partial
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tune_cnn.config import TrainConfig
+from tune_cnn.engine import Bf16Weights, EpochTotals, StepGraph, augment_batch, build_engine, normalise_pixels, pixel_normalisation, train_step
+
+from conftest import CUDA, synthetic_splits
+
+
+def test_pixels_are_normalised_with_the_training_statistics():
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    x = torch.arange(256, dtype=torch.uint8).repeat(12).reshape(4, 3, 16, 16)  # every pixel value in every channel
+    out = normalise_pixels(x, *pixel_normalisation(mean, std, torch.device("cpu")))
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, expected, rtol=0, atol=2e-6)
+
+
+def test_augmentation_moves_pixels_within_the_padding_and_flips():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8)
+    assert augment_batch(x, "crop", generator).shape == x.shape
+    flipped = augment_batch(x, "flip", generator)
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
+    shifted = augment_batch(x, "crop", generator, pad=1)
+    assert set(shifted.unique().tolist()) <= set(x.unique().tolist()) | {0}
+
+
+def bf16_steps(settings: dict, weight_copies: bool, steps: int = 3, mode=None) -> tuple[list[torch.Tensor], float]:
+    """`steps` bf16 training steps on the CPU, under autocast alone or with Bf16Weights and a bf16 input, as the
+    CUDA graph's step runs them: the parameters after them and the summed loss."""
+    data = synthetic_splits(train=32 * steps, val=10, test=10)
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "precision": "bf16", **settings}), data.shape, data.mean, data.std)
+    forward = Bf16Weights(engine.model) if weight_copies else engine.model
+    normalise = partial(normalise_pixels, scale=engine.scale, shift=engine.shift, dtype=torch.bfloat16 if weight_copies else None)
+    x, y = torch.from_numpy(data.train.x).contiguous(memory_format=torch.channels_last), torch.from_numpy(data.train.y)
+    totals = EpochTotals(engine.device)
+    with mode or nullcontext():
+        for start in range(0, len(y), 32):
+            train_step(forward, engine.optimizer, normalise, x[start : start + 32], y[start : start + 32], engine.autocast, totals)
+    return [p.detach().clone() for p in engine.model.parameters()], totals.loss.item()
+
+
+@pytest.mark.parametrize("settings", [{}, {"batch_norm": True, "dropout": 0.3}])
+def test_bf16_weight_copies_and_input_train_bit_for_bit_as_autocast_alone(settings):
+    (plain, plain_loss), (copied, copied_loss) = (bf16_steps(settings, weight_copies) for weight_copies in (False, True))
+    assert copied_loss == plain_loss and all(torch.equal(a, b) for a, b in zip(plain, copied))
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_weight_copies_replace_autocasts_casts_by_two_multi_tensor_copies():
+    plain, copied = CountOps(), CountOps()
+    bf16_steps({}, False, steps=1, mode=plain), bf16_steps({}, True, steps=1, mode=copied)
+    # Autocast: 10 parameters there and back, the input, the logits there and back (23 with torch 2.14).
+    assert plain.counts["_to_copy"] >= 21 and plain.counts["_foreach_copy_"] == 0
+    assert copied.counts["_to_copy"] == 2 and copied.counts["_foreach_copy_"] == 2  # the logits to float32 for the loss, and back
+
+
+def test_a_batch_gathers_straight_into_a_channels_last_buffer_as_indexing_gathers_it():
+    """What StepGraph.step_at relies on: index_select into the graph's input keeps its layout and gathers as x[index]."""
+    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = torch.zeros((16, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    strides, pointer = out.stride(), out.data_ptr()
+    index = torch.randperm(50)[:16]
+    torch.index_select(x, 0, index, out=out)
+    assert torch.equal(out, x[index]) and out.stride() == strides and out.data_ptr() == pointer
+
+
+def test_a_step_graph_refers_to_nothing_that_holds_it(small_data):
+    """An engine with its CUDA graph is freed as soon as it is dropped, with no garbage collection (a trial that reuses
+    its process frees the last trial's graph memory at once): the graph holds the parts of the step, not the engine."""
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu"}), small_data.shape, small_data.mean, small_data.std)
+    graph = StepGraph(engine.step, engine.optimizer, engine.autocast, engine.scale, engine.shift, (32, 3, 20, 20))
+    engine = dataclasses.replace(engine, graph=graph)
+    model, graph = weakref.ref(engine.model), weakref.ref(graph)
+    gc.disable()
+    try:
+        del engine
+        assert model() is None and graph() is None
+    finally:
+        gc.enable()
+
+
+# --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
+
+
+@CUDA
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_replays_every_full_batch_after_warm_up(small_data, compile):
+    """With compile, the graph holds torch.compile's fused kernels: the short last batch recompiles, outside it."""
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "dropout": 0.3, "compile": compile})
+    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+    data = engine.put(small_data.train)
+    losses = [engine.train_epoch(data)[0] for _ in range(4)]
+    assert engine.graph.eager_steps == 3 and engine.graph.replays == 4 * 9 - 3
+    assert losses[-1] < losses[0] / 2  # bf16 with dropout in the graph still learns
+    assert not torch.backends.cudnn.benchmark  # cuDNN's heuristics: timing its algorithms cost more than it saved
+
+
+@CUDA
+@pytest.mark.parametrize("settings", [{}, {"batch_norm": True}])
+def test_the_bf16_cuda_graph_runs_on_weight_copies_and_trains_as_the_eager_engine(small_data, settings):
+    """Without dropout, whose masks the graph draws from other offsets of the generator than eager steps do. Dropout
+    on the weight copies: test_cuda_graph_replays_every_full_batch_after_warm_up, and bit for bit on the CPU."""
+    base = {"batch_size": 64, "device": "cuda", "precision": "bf16", **settings}
+    runs = []
+    for graph in (False, True):
+        engine = build_engine(TrainConfig.from_flat({**base, "cuda_graph": graph}), small_data.shape, small_data.mean, small_data.std)
+        data = engine.put(small_data.train)
+        runs.append([engine.train_epoch(data) for _ in range(3)])
+    assert isinstance(engine.graph.forward, Bf16Weights) and engine.graph.replays == 3 * 9 - 3
+    for (loss_a, acc_a), (loss_b, acc_b) in zip(*runs):
+        assert loss_b == pytest.approx(loss_a, rel=2e-2) and abs(acc_a - acc_b) <= 0.03
+    assert runs[1][-1][0] < runs[1][0][0] / 2
+
+
+@CUDA
+@pytest.mark.parametrize("settings", [{"precision": "fp32"}, {"compile": True}])
+def test_the_cuda_graph_keeps_the_model_itself_in_fp32_or_compiled(small_data, settings):
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, **settings})
+    engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+    assert engine.graph.forward is engine.step
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batches_gathered_into_the_cuda_graph_train_bit_for_bit_as_copied_in(small_data, precision, monkeypatch):
+    """With cuDNN's deterministic algorithms: its default fp32 ones made two runs of the same graph differ in the
+    fifth digit of the loss on an H100."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, "precision": precision, "dropout": 0.3})
+
+    def copied_in(graph: StepGraph, data, index):
+        graph.step(data.x[index], data.y[index])
+
+    runs = []
+    for step_at in (StepGraph.step_at, copied_in):
+        monkeypatch.setattr(StepGraph, "step_at", step_at)
+        engine = build_engine(config, small_data.shape, small_data.mean, small_data.std)
+        data = engine.put(small_data.train)
+        runs.append([engine.train_epoch(data) for _ in range(3)])
+        assert engine.graph.replays == 3 * 9 - 3
+    assert runs[0] == runs[1]  # the same batches into the same captured step
