@@ -65,6 +65,9 @@ def test_benchmark_times_every_pipeline_and_writes_well_formed_figures(tmp_path)
     assert results["engine, 2 concurrent trials"]["ratio_to_reference_by_pass"] is None  # not timed beside the reference
     assert figures["floor"]["images_per_second"] > 0 and figures["matrix_rate"]["dtype"] == "float32"
     assert {"device", "torch", "batch_size", "commit", "date"} <= set(figures) and figures["batch_size"] == 16
+    evaluation = figures["evaluation"]  # the prediction diagnostics' cost: validation and test, each way
+    assert evaluation["images"] == 80 and evaluation["with_diagnostics_s"] > 0 and evaluation["loss_and_accuracy_s"] > 0
+    assert evaluation["training_epoch_s"] == pytest.approx(400 / results["engine"]["images_per_second"])
     json.dumps(figures)  # everything is plain JSON
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: what a checkpoint file holds and how it loads, and the checks that it can continue a run."""
 import dataclasses
+import math
 import os
 import shutil
 
@@ -77,3 +78,14 @@ def test_a_checkpoint_without_its_parts_is_one_clear_error(small_data, tmp_path)
     edited = {**checkpoint, "model": {k: v for k, v in checkpoint["model"].items() if not k.endswith("bias")}}
     with pytest.raises(ConfigError, match=r"^the checkpoint's weights do not fit its model \(Error\(s\) in loading state_dict"):
         train(TrainConfig.from_flat({"epochs": 3, "batch_size": 50}), small_data, quiet(tmp_path / "edited"), resume=edited)
+
+
+def test_a_checkpoint_keeps_which_images_were_right_and_one_without_them_says_so(small_data, tmp_path):
+    config = TrainConfig.from_flat({"epochs": 3, "checkpoint_every": 1, "batch_size": 50})
+    train(config, small_data, quiet(tmp_path / "run"))
+    checkpoint = load_checkpoint(tmp_path / "run" / "epoch_001")
+    assert {name: (mask.dtype, len(mask)) for name, mask in checkpoint["correct"].items()} == {"val": (torch.bool, 200), "test": (torch.bool, 200)}
+    older = {key: value for key, value in checkpoint.items() if key != "correct"}  # as checkpoints before the diagnostics
+    resumed = train(config, small_data, quiet(tmp_path / "older"), resume=older)
+    assert math.isnan(resumed[0]["val_forgotten"]) and math.isnan(resumed[0]["test_learned"])  # unknown, not zero
+    assert not math.isnan(resumed[1]["val_forgotten"])

@@ -3,10 +3,12 @@ the CUDA graph itself against the eager engine."""
 import collections
 import dataclasses
 import gc
+import math
 import weakref
 from contextlib import nullcontext
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,6 +100,52 @@ def test_a_step_graph_refers_to_nothing_that_holds_it(small_data):
         assert model() is None and graph() is None
     finally:
         gc.enable()
+
+
+def reference_diagnostics(logits: np.ndarray, y: np.ndarray, previous: np.ndarray) -> dict:
+    """The prediction diagnostics computed plainly, in float64 NumPy, from a split's logits: the definitions."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    confidence, right = p.max(1), p.argmax(1) == y
+    loss = -np.log(p[np.arange(len(y)), y])
+    bins = np.clip(np.ceil(confidence * 15).astype(int), 1, 15) - 1  # bin m holds ((m - 1) / 15, m / 15]
+    in_bin = [bins == m for m in range(15)]
+    return {
+        "loss": loss.mean(), "acc": right.mean(), "loss_right": loss[right].mean(), "loss_wrong": loss[~right].mean(),
+        "conf_right": confidence[right].mean(), "conf_wrong": confidence[~right].mean(),
+        "ece": sum(abs(right[b].mean() - confidence[b].mean()) * b.mean() for b in in_bin if b.any()),
+        "forgotten": (previous & ~right).sum(), "learned": (~previous & right).sum(),
+        "calibration": [[b.sum(), confidence[b].mean(), right[b].mean()] if b.any() else [0, math.nan, math.nan] for b in in_bin],
+        "right": right,
+    }
+
+
+def test_prediction_diagnostics_are_their_definitions_computed_plainly():
+    data = synthetic_splits(train=64, val=400, test=10, seed=3)  # two steps an epoch: still learning
+    data.val.y[:100] = (data.val.y[:100] + 1) % 4  # labels no model gets right, so that both groups always hold images
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "batch_size": 32, "eval_batch_size": 64, "lr": 2e-4}), data.shape, data.mean, data.std)
+    train, val = engine.put(data.train), engine.put(data.val)
+    previous, moved = np.zeros(len(val), dtype=bool), []  # before the first evaluation every image counts as wrong
+    for _ in range(4):  # untrained, then after each of three epochs
+        engine.model.eval()
+        with torch.no_grad():
+            logits = engine.model(val.normalise(val.x)).numpy()
+        expected = reference_diagnostics(logits, data.val.y, previous)
+        measured = engine.evaluate(val)
+        assert 0 < measured["acc"] < 1  # both groups hold images
+        for name in ("loss", "acc", "loss_right", "loss_wrong", "conf_right", "conf_wrong", "ece"):
+            assert measured[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+        assert (measured["forgotten"], measured["learned"]) == (expected["forgotten"], expected["learned"])
+        np.testing.assert_allclose(np.array(measured["calibration"], dtype=float), np.array(expected["calibration"], dtype=float),
+                                   rtol=1e-5, atol=1e-6)
+        # The identity the overfitting finding rests on, to rounding.
+        identity = measured["acc"] * measured["loss_right"] + (1 - measured["acc"]) * measured["loss_wrong"]
+        assert measured["loss"] == pytest.approx(identity, rel=1e-6)
+        previous = expected["right"]
+        moved.append(expected["forgotten"] + expected["learned"])
+        engine.train_epoch(train)
+    assert all(n > 0 for n in moved), moved  # every epoch moved some images: the counts were tested on real changes
 
 
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------

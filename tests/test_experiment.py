@@ -11,7 +11,7 @@ import pytest
 
 from tune_cnn import analysis
 from tune_cnn.errors import StorageError
-from tune_cnn.experiment import FORMAT_VERSION, METADATA_FILE, ExperimentFolder, Metadata, Storage
+from tune_cnn.experiment import DIAGNOSTICS, FORMAT_VERSION, METADATA_FILE, ExperimentFolder, Metadata, Storage
 
 FORMAT_1 = Path(__file__).parent / "fixtures" / "format-1"
 
@@ -25,7 +25,9 @@ def format_1(tmp_path: Path) -> Path:
 def test_a_folder_written_before_the_format_version_loads_with_the_same_dataframe(format_1: Path):
     sweep = analysis.load(format_1)
     before = pd.read_parquet(format_1 / "analysis" / "results.parquet")  # what that code's analysis loaded
-    pd.testing.assert_frame_equal(sweep.frame, before)
+    pd.testing.assert_frame_equal(sweep.frame[before.columns], before)
+    added = [c for c in sweep.frame.columns if c not in before.columns]  # the metrics that code did not report yet
+    assert added == [f"{split}_{name}" for split in ("val", "test") for name in DIAGNOSTICS] and sweep.frame[added].isna().all().all()
     context = sweep.context
     assert (context.swept, context.snapshot_epochs, context.metric, context.mode, context.incomplete) == (
         ["pooling", "conv_width"], [2, 3], "val_acc", "max", {})  # as that code's DataFrame.attrs held them

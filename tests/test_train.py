@@ -15,7 +15,9 @@ from tune_cnn.train import main as train_main
 
 from conftest import CUDA, make_image_folder, synthetic_splits
 
-METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr"}
+DIAGNOSTICS = ("loss_right", "loss_wrong", "conf_right", "conf_wrong", "ece", "forgotten", "learned", "calibration")
+METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "lr",
+           *(f"{split}_{name}" for split in ("val", "test") for name in DIAGNOSTICS)}
 
 
 def quiet(folder):
@@ -33,6 +35,24 @@ def test_reports_every_metric_every_epoch_and_checkpoints_on_schedule(small_data
     assert all(0 <= m["val_loss"] and m["images_per_second"] > 0 for m in history)
 
 
+def test_each_epochs_diagnostics_add_up(small_data, tmp_path):
+    """The loss splits into its right and wrong images' shares, and images learned less images forgotten is the change
+    in images right, epoch to epoch (from none right before the first)."""
+    data = synthetic_splits(train=200, val=300, test=300, seed=5)
+    for split in (data.val, data.test):
+        split.y[:60] = (split.y[:60] + 1) % 4  # some wrong answers at every epoch
+    history = train(TrainConfig.from_flat({"epochs": 4, "batch_size": 50, "lr": 3e-4}), data, quiet(tmp_path))
+    for split, size in (("val", 300), ("test", 300)):
+        right_before = 0
+        for m in history:
+            acc = m[f"{split}_acc"]
+            assert m[f"{split}_loss"] == pytest.approx(acc * m[f"{split}_loss_right"] + (1 - acc) * m[f"{split}_loss_wrong"], rel=1e-6)
+            assert m[f"{split}_learned"] - m[f"{split}_forgotten"] == round(acc * size) - right_before
+            assert 0 <= m[f"{split}_ece"] <= 1 and 0 < m[f"{split}_conf_wrong"] <= m[f"{split}_conf_right"] + 0.5
+            assert sum(n for n, _, _ in m[f"{split}_calibration"]) == size
+            right_before = round(acc * size)
+
+
 @pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05}])
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
@@ -40,7 +60,8 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, t
     resumed = train(config, small_data, quiet(tmp_path / "resumed"), resume=load_checkpoint(tmp_path / "straight" / "epoch_002"))
     assert [m["epoch"] for m in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "val_forgotten", "val_learned", "test_ece",
+                    "test_conf_right"):
             assert a[key] == b[key], key
 
 

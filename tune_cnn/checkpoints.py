@@ -16,7 +16,7 @@ import torch
 
 from tune_cnn.config import MODEL_SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import DataSplits
-from tune_cnn.engine import Engine
+from tune_cnn.engine import DeviceData, Engine
 from tune_cnn.errors import ConfigError, first_line
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -28,18 +28,21 @@ RESUME_MUST_MATCH = (*MODEL_SETTINGS, "optimizer", "seed")
 Checkpoint = Mapping[str, Any]
 
 
-def save_checkpoint(folder: Path, engine: Engine, epoch: int, data: DataSplits) -> None:
-    """The engine's state after `epoch` into folder/checkpoint.pt, with the settings and the data's split."""
+def save_checkpoint(folder: Path, engine: Engine, epoch: int, data: DataSplits, evaluated: Mapping[str, DeviceData]) -> None:
+    """The engine's state after `epoch` into folder/checkpoint.pt, with the settings, the data's split, and which
+    images of each `evaluated` split the model got right (for the next epoch's forgotten and learned)."""
     torch.save(
         {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(), "epoch": epoch,
          "rng": _rng_state(engine.shuffle, engine.device), "config": engine.config.flat(),
-         "data": {**data.split, "shape": list(astuple(data.shape)), "images": data.fingerprint}},
+         "data": {**data.split, "shape": list(astuple(data.shape)), "images": data.fingerprint},
+         "correct": {name: split.last_correct.cpu() for name, split in evaluated.items() if split.last_correct is not None}},
         folder / CHECKPOINT_FILE,
     )
 
 
-def restore(engine: Engine, checkpoint: Checkpoint) -> int:
-    """The checkpoint's weights, optimizer state and random-number states into `engine`; returns its epoch. One
+def restore(engine: Engine, checkpoint: Checkpoint, evaluated: Mapping[str, DeviceData]) -> int:
+    """The checkpoint's weights, optimizer state, random-number states and each `evaluated` split's last right
+    images (unknown where the checkpoint did not keep them) into `engine` and the splits; returns its epoch. One
     ConfigError where the weights do not fit the model (an edited file)."""
     try:
         engine.model.load_state_dict(checkpoint["model"])
@@ -47,6 +50,9 @@ def restore(engine: Engine, checkpoint: Checkpoint) -> int:
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"the checkpoint's weights do not fit its model ({first_line(error)}); pass a checkpoint written by train or a sweep") from None
     _restore_rng(checkpoint, engine.shuffle, engine.device, engine.config.seed)
+    saved = checkpoint.get("correct", {})
+    for name, split in evaluated.items():
+        split.last_correct = saved[name].to(engine.device) if name in saved else None
     return int(checkpoint["epoch"])
 
 

@@ -9,6 +9,7 @@ benchmarks/README.md.
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
 
 CPU_EVAL_BATCH = 256
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
 NO_AUTOCAST = nullcontext()  # fp32: reusable, as a context manager that does nothing is
 
 
@@ -53,6 +55,9 @@ class DeviceData:
         self.x = torch.from_numpy(arrays.x.copy()).to(device).contiguous(memory_format=self.memory_format)
         self.y = torch.from_numpy(arrays.y.copy()).to(device)
         self.scale, self.shift = scale, shift
+        # Which images the model got right at the split's last evaluation (none before the first; None: unknown, as
+        # after a resume from a checkpoint that did not keep it).
+        self.last_correct: torch.Tensor | None = torch.zeros(len(self.y), dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -350,16 +355,66 @@ def _copies(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.
 
 
 @torch.inference_mode()  # faster than no_grad on the CPU
-def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast: Any = NO_AUTOCAST) -> dict[str, float]:
-    """A split's metrics by name (each epoch reports them as `<split>_<name>`): mean cross-entropy `loss` and
-    accuracy `acc`, in evaluation mode, in large batches, summed on the device."""
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast: Any = NO_AUTOCAST) -> dict[str, Any]:
+    """A split's metrics by name (each epoch reports them as `<split>_<name>`), in evaluation mode, in large batches,
+    summed on the device in this one pass and read back once:
+
+    - `loss`, `acc`: mean cross-entropy and accuracy;
+    - `loss_right`, `loss_wrong`, `conf_right`, `conf_wrong`: mean cross-entropy and mean top-class probability over
+      the images the model gets right and wrong (NaN where there are none), so loss = acc * loss_right +
+      (1 - acc) * loss_wrong;
+    - `ece`: the expected calibration error over CALIBRATION_BINS equal-width bins of the top-class probability,
+      bin m holding ((m - 1) / M, m / M], as Guo et al. (2017) define it;
+    - `forgotten`, `learned`: images right at the split's last evaluation and wrong now, and the reverse (Toneva et
+      al. 2019); before the first evaluation every image counts as wrong; NaN where the last one is unknown;
+    - `calibration`: per bin, [images, mean confidence, accuracy], for a reliability diagram.
+    """
     model.eval()
-    loss_sum = torch.zeros((), device=data.x.device)
-    correct = torch.zeros((), device=data.x.device, dtype=torch.int64)
+    device = data.x.device
+    sums = torch.zeros(4, device=device)  # cross-entropy over the right and the wrong images, then their confidence
+    bins = torch.zeros(3, CALIBRATION_BINS, device=device)  # per bin: images, summed confidence, right images
+    right = torch.empty(len(data), dtype=torch.bool, device=device)
     for start in range(0, len(data), batch_size):
         x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
         with autocast:
             logits = model(data.normalise(x))
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    return {"loss": loss_sum.item() / len(data), "acc": correct.item() / len(data)}
+        _add_predictions(logits.float().log_softmax(1), y, sums, bins, right[start : start + batch_size])
+    previous, data.last_correct = data.last_correct, right
+    unknown = torch.full((2,), math.nan, device=device)
+    transitions = unknown if previous is None else torch.stack([(previous & ~right).sum(), (~previous & right).sum()]).float()
+    numbers = torch.cat([sums, transitions, bins.flatten()]).tolist()  # the one read back from the device
+    return _split_metrics(numbers[:4], numbers[4:6], [numbers[6 + i * CALIBRATION_BINS : 6 + (i + 1) * CALIBRATION_BINS] for i in range(3)],
+                          len(data))
+
+
+def _add_predictions(log_probs: torch.Tensor, y: torch.Tensor, sums: torch.Tensor, bins: torch.Tensor, right: torch.Tensor) -> None:
+    """One batch's cross-entropy and confidence into `sums` (right images, then wrong ones) and `bins`; which images
+    it got right into `right`."""
+    top, predicted = log_probs.max(1)
+    confidence = top.exp()
+    loss = -log_probs.gather(1, y[:, None]).squeeze(1)
+    torch.eq(predicted, y, out=right)
+    hit = right.float()
+    sums += torch.stack([(loss * hit).sum(), (loss * (1 - hit)).sum(), (confidence * hit).sum(), (confidence * (1 - hit)).sum()])
+    index = (confidence * CALIBRATION_BINS).ceil().long().clamp_(1, CALIBRATION_BINS) - 1
+    bins.index_add_(1, index, torch.stack([torch.ones_like(confidence), confidence, hit]))
+
+
+def _split_metrics(sums: list[float], transitions: list[float], bins: list[list[float]], images: int) -> dict[str, Any]:
+    """evaluate()'s metrics from its sums, read back from the device."""
+    loss_right, loss_wrong, conf_right, conf_wrong = sums
+    count, confidence, hits = bins
+    n_right = sum(hits)
+    n_wrong = images - n_right
+    return {
+        "loss": (loss_right + loss_wrong) / images, "acc": n_right / images,
+        "loss_right": _mean(loss_right, n_right), "loss_wrong": _mean(loss_wrong, n_wrong),
+        "conf_right": _mean(conf_right, n_right), "conf_wrong": _mean(conf_wrong, n_wrong),
+        "ece": sum(abs(h - c) for h, c in zip(hits, confidence)) / images,
+        "forgotten": transitions[0], "learned": transitions[1],
+        "calibration": [[n, _mean(c, n), _mean(h, n)] for n, c, h in zip(count, confidence, hits)],
+    }
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else math.nan

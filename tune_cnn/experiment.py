@@ -36,8 +36,12 @@ PARAMS_FILE, RESULT_FILE, PROGRESS_FILE, TUNER_FILE = "params.json", "result.jso
 ERROR_FILES = ("error.txt", "error.pkl")
 ANALYSIS_FOLDER = "analysis"
 WRITE_PROBE = ".tune_cnn_write_test"
-# What every epoch of a trial reports besides `epoch` and `lr` (tune_cnn.train), as result.json and progress.csv hold it.
-METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second")
+# What every epoch of a trial reports besides `epoch`, `lr` and each evaluated split's calibration bins
+# (tune_cnn.train), as result.json and progress.csv hold it: the numbers, and for the validation and test splits
+# the prediction diagnostics of tune_cnn.engine.evaluate.
+DIAGNOSTICS = ("loss_right", "loss_wrong", "conf_right", "conf_wrong", "ece", "forgotten", "learned")
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "epoch_seconds", "images_per_second",
+           *(f"{split}_{name}" for split in ("val", "test") for name in DIAGNOSTICS))
 # What a resume must run as the experiment did (Metadata's fields), in the words of the options that set each.
 RESUME_MUST_MATCH = {"space_yaml": "its search space file", "data": "--data", "subset": "subset", "sweep_seed": "seed",
                      "fixed": "fixed", "samples": "samples"}

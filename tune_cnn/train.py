@@ -34,9 +34,10 @@ from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.engine import DeviceData, Engine, build_engine, resolve_device
 from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error
 
-Metrics = dict[str, float]
+Metrics = dict[str, Any]  # numbers, and each evaluated split's calibration bins
 Reporter = Callable[[Metrics, "Path | None"], None]
 SPLITS = ("train", "val", "test")
+EVALUATED = ("val", "test")  # the splits every epoch evaluates
 
 
 # --- Reporters ---------------------------------------------------------------------------------------------
@@ -97,15 +98,16 @@ class Run:
         if self.resume is not None:
             check_same_data(data, self.resume)
         engine = build_engine(self.config, data.shape, data.mean, data.std, self.device)
-        first_epoch = 1 if self.resume is None else restore(engine, self.resume) + 1
         splits = {name: engine.put(getattr(data, name)) for name in SPLITS}
+        evaluated = {name: splits[name] for name in EVALUATED}
+        first_epoch = 1 if self.resume is None else restore(engine, self.resume, evaluated) + 1
         history = []
         for epoch in range(first_epoch, self.config.epochs + 1):
             metrics = run_epoch(engine, splits, epoch)
             history.append(metrics)
             if epoch % self.config.checkpoint_every == 0 or epoch == self.config.epochs:
                 with tempfile.TemporaryDirectory(prefix="tune_cnn_ckpt_") as folder:
-                    save_checkpoint(Path(folder), engine, epoch, data)
+                    save_checkpoint(Path(folder), engine, epoch, data, evaluated)
                     report(metrics, Path(folder))
             else:
                 report(metrics, None)
@@ -129,7 +131,7 @@ def run_epoch(engine: Engine, splits: dict[str, DeviceData], epoch: int) -> Metr
     train_loss, train_acc = engine.train_epoch(splits["train"])
     train_seconds = time.perf_counter() - start
     metrics: Metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
-    for split in ("val", "test"):
+    for split in EVALUATED:
         metrics.update({f"{split}_{name}": value for name, value in engine.evaluate(splits[split]).items()})
     metrics["epoch_seconds"] = time.perf_counter() - start
     metrics["images_per_second"] = len(splits["train"]) / train_seconds

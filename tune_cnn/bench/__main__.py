@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tune_cnn.bench.evaluation import epoch_overhead, time_evaluation
 from tune_cnn.bench.reference import compare_accuracy
 from tune_cnn.bench.side_by_side import VARIANTS, Plan, floor, matrix_rate, time_concurrent, time_side_by_side
 from tune_cnn.bench.sweeps import time_seed_sweep, time_seed_trials
@@ -44,6 +45,10 @@ def run_benchmark(plan: Plan, data: DataSplits, quick: bool = False) -> dict[str
         timings, failures = time_side_by_side(plan, data, sample, Path(folder))
         timings += [time_concurrent(plan, data, sample, trials, Path(folder)) for trials in plan.concurrency]
     rate = matrix_rate(device, quick)
+    evaluation = time_evaluation(plan, data)
+    engine = next(t for t in timings[1:] if t.trials == 1)  # the engine as configured, timed beside the reference
+    evaluation["training_epoch_s"] = len(data.train) / engine.images_per_second
+    evaluation["epoch_overhead"] = epoch_overhead(evaluation, evaluation["training_epoch_s"])
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device_name(device),
@@ -63,6 +68,7 @@ def run_benchmark(plan: Plan, data: DataSplits, quick: bool = False) -> dict[str
         "floor": floor(plan.config, data.shape, rate["flops_per_second"]),
         "results": [t.as_dict(timings[0]) for t in timings],
         "failed": failures,
+        "evaluation": evaluation,
     }
 
 
@@ -87,6 +93,12 @@ def format_table(figures: dict[str, Any]) -> str:
         f"({floor_['flops_per_image'] / 1e6:.1f} MFLOP per training image at {rate['flops_per_second'] / 1e12:.2f} TFLOP/s "
         f"measured, {rate['dtype']} {rate['size']}x{rate['size']} matrix product)"
     )
+    if figures.get("evaluation"):
+        e = figures["evaluation"]
+        lines.append(f"evaluation of {e['images']:,} images (validation + test), median of {e['rounds']} alternating rounds: "
+                     f"{e['with_diagnostics_s']:.3f} s with the prediction diagnostics, {e['loss_and_accuracy_s']:.3f} s loss and "
+                     f"accuracy alone; a {e['training_epoch_s']:.1f} s training pass besides: the diagnostics cost "
+                     f"{100 * e['epoch_overhead']:.2f}% of an epoch")
     if figures.get("accuracy"):
         a = figures["accuracy"]
         mean = lambda name: 100 * statistics.mean(a[name]["test_acc"])  # noqa: E731
