@@ -619,7 +619,7 @@ def test_plots_drawn_by_other_processes_are_those_drawn_here(seed_experiment: Pa
     assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in there.iterdir())
     assert (there / "report.md").read_text() == (here / "report.md").read_text()
     pngs = sorted(here.glob("*.png"))
-    assert len(pngs) == 5 and all((there / png.name).read_bytes() == png.read_bytes() for png in pngs)
+    assert len(pngs) == 6 and all((there / png.name).read_bytes() == png.read_bytes() for png in pngs)
 
 
 def refuse_to_start() -> None:
@@ -740,6 +740,11 @@ def test_a_real_sweep_gets_its_analysis(real_experiment: Path):
     report = (folder / "report.md").read_text()
     assert "pooling" in report and "conv_width" in report and "errored" in report
     assert_png(folder / "learning_curves.png")
+    for name in ("right_and_wrong", "reliability", "cost"):  # real trials report their prediction diagnostics
+        assert_png(folder / f"{name}.png")
+    sweep = analysis.load(real_experiment)
+    per_epoch = sweep.calibration.groupby(["trial_id", "epoch"]).size()  # two splits of 15 bins, from result.json's reports
+    assert len(per_epoch) >= 10 and per_epoch.eq(2 * 15).all() and set(per_epoch.index) <= set(zip(sweep.frame["trial_id"], sweep.frame["epoch"]))
 
 
 def test_a_frame_read_back_from_results_csv_gives_the_same_tables(seed_experiment: Path):

@@ -45,6 +45,8 @@ METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_
 # What a resume must run as the experiment did (Metadata's fields), in the words of the options that set each.
 RESUME_MUST_MATCH = {"space_yaml": "its search space file", "data": "--data", "subset": "subset", "sweep_seed": "seed",
                      "fixed": "fixed", "samples": "samples"}
+# Each evaluated split's calibration bins in a report: per bin [images, mean confidence, accuracy] (engine.evaluate).
+CALIBRATION = {"val": "val_calibration", "test": "test_calibration"}
 MADE_AT = re.compile(r"_(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)$")  # the time Ray ends a trial folder's name with
 Report = dict[str, Any]
 

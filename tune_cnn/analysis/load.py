@@ -16,12 +16,13 @@ import pandas as pd
 
 from tune_cnn.config import TrainConfig
 from tune_cnn.errors import TuneCnnError
-from tune_cnn.experiment import METADATA_FILE, METRICS, ExperimentFolder, Metadata, Report, SavedState, Storage, is_state_file, made_at
+from tune_cnn.experiment import CALIBRATION, METADATA_FILE, METRICS, ExperimentFolder, Metadata, Report, SavedState, Storage, is_state_file, made_at
 
 FINISHED, STOPPED, ERRORED, RUNNING = "finished", "stopped early", "errored", "running"
 UNREADABLE = "settings unreadable"  # params.json and every checkpoint's copy cut short: left out of the rows
 LOST = "lost when its driver was killed, not resumed"  # see _is_lost: left out of the rows
 NOT_SETTINGS = ("trial_id", "status", "epoch", "trial_seed", *METRICS)  # the columns that are not a trial's settings
+CALIBRATION_COLUMNS = ["trial_id", "epoch", "split", "bin", "images", "confidence", "accuracy"]
 
 
 class AnalysisError(TuneCnnError):
@@ -56,10 +57,12 @@ class ExperimentContext:
 @dataclass(frozen=True)
 class Sweep:
     """A loaded sweep: `frame`, one row per trial per reported epoch (trial_id, status, epoch, every setting,
-    trial_seed, every metric), and its `context`."""
+    trial_seed, every metric), its `context`, and `calibration`, one row per trial, epoch, split and confidence bin
+    (images, mean confidence, accuracy), for reliability diagrams."""
 
     frame: pd.DataFrame
     context: ExperimentContext
+    calibration: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CALIBRATION_COLUMNS))
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, experiment: str = "") -> Sweep:
@@ -70,8 +73,11 @@ class Sweep:
         return cls(frame, ExperimentContext(experiment, differing_settings(frame), snapshot_epochs_of(frame, None)))
 
     def where(self, rows: pd.Series) -> Sweep:
-        """The same sweep with only the rows where `rows` is true, such as `sweep.frame["epoch"] <= 10`."""
-        return replace(self, frame=self.frame[rows])
+        """The same sweep with only the rows where `rows` is true, such as `sweep.frame["epoch"] <= 10` (and the
+        calibration of those trials' epochs)."""
+        frame = self.frame[rows]
+        kept = self.calibration.set_index(["trial_id", "epoch"]).index.isin(frame.set_index(["trial_id", "epoch"]).index)
+        return replace(self, frame=frame, calibration=self.calibration[kept])
 
 
 @dataclass
@@ -112,7 +118,7 @@ def load(path: str | Path) -> Sweep:
         incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted, **unreadable, **lost_ids},
         metadata=metadata,
     )
-    return Sweep(frame, context)
+    return Sweep(frame, context, _calibration_frame(trials))
 
 
 def _experiment_listing(folder: ExperimentFolder) -> tuple[list[str], list[str]]:
@@ -191,6 +197,13 @@ def _tidy_frame(trials: list[TrialRecord]) -> pd.DataFrame:
     ]
     frame = pd.DataFrame(rows, columns=["trial_id", "status", "epoch", *names, *METRICS])
     return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
+
+
+def _calibration_frame(trials: list[TrialRecord]) -> pd.DataFrame:
+    """Every report's calibration bins, one row per trial, epoch, split and bin."""
+    rows = [(t.trial_id, int(r["epoch"]), split, index, *bin_) for t in trials for r in t.reports
+            for split, key in CALIBRATION.items() if isinstance(r.get(key), list) for index, bin_ in enumerate(r[key])]
+    return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS).astype({"images": int})
 
 
 def setting_columns(frame: pd.DataFrame) -> list[str]:

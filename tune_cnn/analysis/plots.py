@@ -20,6 +20,7 @@ import pandas as pd
 from tune_cnn.analysis.load import Sweep
 from tune_cnn.analysis.stats import grouping_levels, select_rows
 
+SPLIT_NAMES = {"val": "validation", "test": "test"}
 PANELS = (("train_acc", "training accuracy (%)"), ("val_acc", "validation accuracy (%)"), ("val_loss", "validation loss (cross-entropy)"))
 Drawings = dict[str, tuple[str, Callable[..., Any], tuple]]  # key -> (file name, plot function, its arguments)
 
@@ -133,6 +134,74 @@ def plot_effects(effect_table: pd.DataFrame, importance_table: pd.DataFrame) -> 
     right.set(title=f"Importance: share of the variance in {metric} across trials",
               xlabel="variance explained by the setting alone (%)", xlim=(0, 100))
     right.grid(alpha=0.3, axis="x")
+    return figure
+
+
+def plot_right_and_wrong(sweep: Sweep, split: str = "val") -> Any:
+    """The learner's question in pictures: per epoch, the mean cross-entropy and the mean confidence over the images
+    classified right and wrong, and the calibration error; a thin line per trial, the mean over trials bold."""
+    plt = _pyplot()
+    frame = sweep.frame.sort_values("epoch")
+    panels = (("loss", "mean cross-entropy"), ("conf", "mean top-class probability"), ("ece", "expected calibration error"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8), constrained_layout=True)
+    for ax, (kind, axis_label) in zip(axes, panels):
+        groups = [("right", "tab:blue"), ("wrong", "tab:red")] if kind != "ece" else [(None, "tab:purple")]
+        for group, colour in groups:
+            column = f"{split}_{kind}" + (f"_{group}" if group else "")
+            for _, trial in frame.groupby("trial_id"):
+                ax.plot(trial["epoch"], _scaled(column, trial[column]), color=colour, alpha=0.25, linewidth=0.8)
+            mean = frame.groupby("epoch")[column].mean()
+            ax.plot(mean.index, _scaled(column, mean), color=colour, linewidth=2.2, label=f"{group} answers" if group else "all images")
+        ax.set(title=axis_label.capitalize(), xlabel="epoch", ylabel=axis_label)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(f"Right and wrong answers on the {SPLIT_NAMES[split]} split ({count(frame['trial_id'].nunique(), 'trial')}; "
+                    f"bold: the mean over trials)")
+    return figure
+
+
+def plot_reliability(sweep: Sweep, epochs: dict[str, dict[str, int]], split: str = "val") -> Any:
+    """Reliability diagrams: accuracy against mean confidence per confidence bin, pooled over the trials, at each
+    trial's epoch of `epochs` (name -> trial id -> epoch, such as its lowest-loss epoch and its last)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(epochs), figsize=(6.5 * len(epochs), 5.6), constrained_layout=True, squeeze=False)
+    bins = sweep.calibration[sweep.calibration["split"] == split]
+    for ax, (name, chosen) in zip(axes[0], epochs.items()):
+        at = bins[[epoch == chosen.get(trial) for trial, epoch in zip(bins["trial_id"], bins["epoch"])]]
+        pooled = at.assign(confident=at["confidence"].fillna(0) * at["images"], right=at["accuracy"].fillna(0) * at["images"])
+        pooled = pooled.groupby("bin")[["images", "confident", "right"]].sum()
+        edges = np.linspace(0, 1, len(pooled) + 1) if len(pooled) else np.array([0.0, 1.0])
+        shown = pooled[pooled["images"] > 0]
+        accuracy, confidence = shown["right"] / shown["images"], shown["confident"] / shown["images"]
+        ax.bar(edges[shown.index], accuracy, width=edges[1] - edges[0], align="edge", color="tab:blue", alpha=0.6, edgecolor="black",
+               label="accuracy in the bin")
+        ax.plot(confidence, accuracy, "o", color="tab:red", label="(mean confidence, accuracy)")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ece = (shown["right"] - shown["confident"]).abs().sum() / max(shown["images"].sum(), 1)
+        ax.set(title=f"{name}: ECE {ece:.3f} ({int(shown['images'].sum()):,} image-trials)", xlabel="confidence (top-class probability)",
+               ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left")
+    figure.suptitle(f"Reliability on the {SPLIT_NAMES[split]} split, pooled over {count(len(next(iter(epochs.values()), {})), 'trial')}")
+    return figure
+
+
+def plot_cost(costs: pd.DataFrame, metric: str, colour_by: str | None = None) -> Any:
+    """The metric at each trial's best epoch against its training time: the cheapest good trials at a glance."""
+    plt = _pyplot()
+    levels = sorted(costs[colour_by].unique(), key=str) if colour_by else [None]
+    colours = _colours(levels)
+    figure, ax = plt.subplots(figsize=(8.5, 5.6), constrained_layout=True)
+    for level in levels:
+        rows = costs[costs[colour_by] == level] if colour_by else costs
+        ax.scatter(rows["seconds"] / 60, _scaled(metric, rows[metric]), color=colours[level], s=40,
+                   label=f"{colour_by} = {value_label(level)}" if colour_by else None)
+    ax.set(title=f"{metric} at each trial's best epoch against its training time", xlabel="training time (minutes, all its epochs)",
+           ylabel=f"{metric}" + (" (%)" if metric.endswith("_acc") else ""))
+    ax.grid(alpha=0.3)
+    if colour_by:
+        ax.legend(fontsize="small")
     return figure
 
 

@@ -12,15 +12,38 @@ from typing import Any
 import pandas as pd
 
 from tune_cnn.analysis.load import Sweep, load
-from tune_cnn.analysis.plots import Drawings, count, draw, plot_effects, plot_grouped, plot_learning_curves, value_label
+from tune_cnn.analysis.plots import (
+    Drawings,
+    count,
+    draw,
+    plot_cost,
+    plot_effects,
+    plot_grouped,
+    plot_learning_curves,
+    plot_reliability,
+    plot_right_and_wrong,
+    value_label,
+)
+from tune_cnn.analysis.questions import (
+    cost_sentences,
+    grok_sentence,
+    has_diagnostics,
+    late_rise,
+    late_trend,
+    learner_findings,
+    loss_rise,
+    overfitting_sentence,
+    trend_sentence,
+    trial_costs,
+)
 from tune_cnn.analysis.stats import OVERFIT_RISE, check_settings, diagnose, effects, importance, select_rows, snapshot_epochs, summarize
 from tune_cnn.errors import StorageError
 from tune_cnn.experiment import ANALYSIS_FOLDER, Storage
 
 BEST_ROWS = 5
 # Every file an analysis writes; a rerun into the same folder removes those it does not write again.
-ANALYSIS_FILES = ("results.csv", "results.parquet", "report.md", "trials.csv", "effects.csv", "importance.csv", "summary_*.csv",
-                  "learning_curves.png", "effects.png", "by_*.png")
+ANALYSIS_FILES = ("results.csv", "results.parquet", "report.md", "trials.csv", "effects.csv", "importance.csv", "summary_*.csv", "overfitting.csv",
+                  "learning_curves.png", "effects.png", "by_*.png", "right_and_wrong.png", "reliability.png", "cost.png")
 
 
 # --- Tables people read ------------------------------------------------------------------------------------
@@ -108,11 +131,14 @@ def findings(sweep: Sweep, effect_table: pd.DataFrame, importance_table: pd.Data
         f"above its minimum while training accuracy kept rising)"
         + (f"; validation loss was lowest at epoch {lowest.mean():.1f} on average." if len(lowest) else ".")
     )
+    if has_diagnostics(sweep):
+        lines.append(overfitting_sentence(loss_rise(sweep)))
     gaps = [f"{_points(diagnosis[f'gap_at_{e}'].mean())} points at epoch {e}" for e in sweep.context.snapshot_epochs
             if f"gap_at_{e}" in diagnosis and diagnosis[f"gap_at_{e}"].notna().any()]
     if gaps:
         lines.append("Generalisation gap (training minus validation accuracy, mean over trials): " + ", ".join(gaps) + ".")
-    return lines
+    lines += [line for line in (trend_sentence(late_trend(sweep)), grok_sentence(late_rise(sweep))) if line]
+    return lines + cost_sentences(sweep, effect_table)
 
 
 def _effect_sentence(row: Any) -> str:
@@ -147,6 +173,12 @@ def _best_lines(sweep: Sweep) -> list[str]:
             "", markdown_table(readable(best)), ""]
 
 
+def _learner_lines(sweep: Sweep, effect_table: pd.DataFrame, diagnosis: pd.DataFrame) -> list[str]:
+    """The seed's three findings, each reproduced or not, where this sweep varied what they are about."""
+    lines = learner_findings(sweep, effect_table, diagnosis)
+    return ["## The seed's findings, checked", "", *[f"- {line}" for line in lines], ""] if lines else []
+
+
 def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_table: pd.DataFrame,
                     importance_table: pd.DataFrame, diagnosis: pd.DataFrame, plots: dict[str, str]) -> str:
     ctx, df = sweep.context, sweep.frame
@@ -158,14 +190,15 @@ def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_tab
     lines = [
         f"# Analysis of {Path(ctx.experiment).name}",
         "",
-        f"Experiment: `{ctx.experiment}`. {count(df['trial_id'].nunique(), 'trial')}: {counts}."
+        f"Experiment: `{Path(ctx.experiment).name}`. {count(df['trial_id'].nunique(), 'trial')}: {counts}."
         + (f" Search: {search}." if search else "")
         + f" Swept: {', '.join(ctx.factors) or 'nothing'}{replicates}. Snapshot epochs: {', '.join(map(str, ctx.snapshot_epochs))}.",
     ]
     if ctx.incomplete:
         lines += ["", "**Incomplete trials:** " + ", ".join(f"{t} ({s})" for t, s in ctx.incomplete.items()) + "."]
     lines += [
-        "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "", *_best_lines(sweep), "## Findings", "",
+        "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "", *_best_lines(sweep),
+        *_learner_lines(sweep, effect_table, diagnosis), "## Findings", "",
         *[f"- {line}" for line in findings(sweep, effect_table, importance_table, diagnosis)],
         "", f"![Effects]({plots['effects']})" if "effects" in plots else "",
         "", "## Grouped views at the snapshot epochs", "",
@@ -173,8 +206,15 @@ def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_tab
     for key, summary in summaries.items():
         keys = ["epoch"] if key == "epoch" else [key, "epoch"]
         lines += [f"### By {key}", "", markdown_table(grouped_table(summary, keys)), "", f"![By {key}]({plots[key]})", ""]
-    lines += ["## Learning curves", "", f"![Learning curves]({plots['learning_curves']})", "",
-              "## Per-trial diagnosis", "", markdown_table(readable(diagnosis)), ""]
+    lines += ["## Learning curves", "", f"![Learning curves]({plots['learning_curves']})", ""]
+    if "right_and_wrong" in plots:
+        lines += ["## Right and wrong answers", "", "Mean loss and confidence over the validation images classified right and wrong, "
+                  "epoch by epoch (overfitting.csv has each trial's figures):", "", f"![Right and wrong answers]({plots['right_and_wrong']})", ""]
+    if "reliability" in plots:
+        lines += [f"![Reliability]({plots['reliability']})", ""]
+    if "cost" in plots:
+        lines += ["## Cost", "", f"![Cost]({plots['cost']})", ""]
+    lines += ["## Per-trial diagnosis", "", markdown_table(readable(diagnosis)), ""]
     return "\n".join(lines)
 
 
@@ -229,12 +269,23 @@ def _write_files(sweep: Sweep, folder: Path, by: list[str] | None, at_epochs: li
     effect_table, importance_table = effects(sweep), importance(sweep)
     tables = {"trials.csv": diagnosis, "effects.csv": effect_table, "importance.csv": importance_table,
               **{f"summary_{key}.csv": summary for key, summary in summaries.items()}}
+    if has_diagnostics(sweep):
+        tables["overfitting.csv"] = loss_rise(sweep)
     for name, table in tables.items():
         table.to_csv(folder / name, index=False)
     drawings: Drawings = {key: (f"by_{key}.png", plot_grouped, (sweep, key, at_epochs)) for key in summaries}
     drawings["learning_curves"] = ("learning_curves.png", plot_learning_curves, (sweep, next(iter(groupings), None)))
     if len(effect_table):
         drawings["effects"] = ("effects.png", plot_effects, (effect_table, importance_table))
+    if has_diagnostics(sweep):
+        drawings["right_and_wrong"] = ("right_and_wrong.png", plot_right_and_wrong, (sweep,))
+    if len(sweep.calibration) and "overfitting.csv" in tables:
+        rises = tables["overfitting.csv"]
+        epochs = {"At each trial's lowest validation loss": dict(zip(rises["trial_id"], rises["best_epoch"])),
+                  "At each trial's last epoch": dict(zip(rises["trial_id"], rises["last_epoch"]))}
+        drawings["reliability"] = ("reliability.png", plot_reliability, (sweep, epochs))
+    if df["trial_id"].nunique() > 1:
+        drawings["cost"] = ("cost.png", plot_cost, (trial_costs(sweep), sweep.context.metric, next(iter(groupings), None)))
     plots = draw(drawings, folder, plotters)
     (folder / "report.md").write_text(report_markdown(sweep, summaries, effect_table, importance_table, diagnosis, plots))
     return written | set(tables) | set(plots.values())
