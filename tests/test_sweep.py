@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,8 @@ def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Pa
     assert metadata["space_yaml"] == load_space("quick").text and metadata["sweep_seed"] == 0
     assert "best trials by val_acc" in done.stdout and f"experiment: {experiment}" in done.stdout
     assert "notice: the Ray cluster has no GPU" in done.stdout  # quick asks for `gpu: auto`
+    progress = [line for line in done.stdout.splitlines() if line.startswith("progress: ")]
+    assert progress and progress[-1].startswith("progress: 4 of 4 trials done, 8 of 8 epochs; about 0 s left at ")
 
 
 def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -116,6 +119,13 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
     assert sweep.main(["seed", "--data", str(images), "--storage", str(storage), "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (f"notice: experiment {storage / 'seed'} already exists; "
                                                         f"the run needs --resume to continue it, or another --name")
+
+
+def test_dry_run_estimates_the_sweeps_time_from_a_few_timed_steps(images: Path, capsys: pytest.CaptureFixture):
+    assert sweep.main(["seed", "--data", str(images), "--dry-run", "--epochs", "3"]) == 0
+    estimate = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("time estimate: "))
+    assert re.fullmatch(r"time estimate: about \d+ s for 6 trial\(s\), 2 at a time with 1 CPU thread\(s\) each; from 20 timed steps of "
+                        r"each of 6 distinct trial\(s\) alone on this machine \(\d+ s\)", estimate), estimate
 
 
 def test_dry_run_prints_the_spaces_notices(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -289,3 +299,20 @@ def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Pa
     df = analysis.load(experiment).frame
     assert set(df["status"]) == {"finished"}
     assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * QUICK_TRIALS
+
+
+def test_the_progress_line_counts_trials_and_epochs_and_paces_what_is_left():
+    from types import SimpleNamespace
+
+    from tune_cnn.progress import Plan, progress_line
+
+    plan = Plan(trials=4, epochs=40, early_stopping=False)
+    trials = [SimpleNamespace(status="TERMINATED", last_result={"epoch": 10, "epoch_seconds": 12.0}),
+              SimpleNamespace(status="RUNNING", last_result={"epoch": 4, "epoch_seconds": 8.0}),
+              SimpleNamespace(status="RUNNING", last_result={"epoch": 2, "epoch_seconds": 10.0}),
+              SimpleNamespace(status="PENDING", last_result={})]
+    # 16 of 40 epochs: 24 left at 10 s each (the mean of the three timed), two trials at a time: 120 s.
+    assert progress_line(plan, trials) == "progress: 1 of 4 trials done, 16 of 40 epochs; about 2 min left at 10.0 s per epoch, 2 trials at a time"
+    assert progress_line(plan, trials[3:]) is None  # nothing timed yet
+    asha = Plan(trials=4, epochs=40, early_stopping=True)
+    assert "16 of at most 40 epochs" in progress_line(asha, trials)

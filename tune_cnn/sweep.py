@@ -27,6 +27,7 @@ from tune_cnn.config import TrainConfig
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, exit_on_user_error
 from tune_cnn.experiment import ExperimentFolder, Metadata, comparable_data, save_reports, saved_reports
+from tune_cnn.progress import Plan, estimate, with_progress
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 
 PROGRESS_METRICS = ("epoch", "val_acc", "val_loss")
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment.check_start(resume=True, metadata=metadata)
         exists = not args.resume and experiment.holds_a_sweep()
         print(describe_trials(space, data))
+        print(estimate(space, data, args.max_concurrent), flush=True)
         if exists:
             print(f"notice: experiment {experiment.location} already exists; the run needs --resume to continue it, or another --name")
         return 0
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     from tune_cnn.analysis.plots import plot_workers  # not before: a bad input's one line comes without pandas
 
     # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
-    plots = len(space.swept) + 3  # one by each swept setting, by epoch, the learning curves, the effects
+    # One by each swept setting, by epoch, the learning curves, the effects, right and wrong answers, reliability, cost.
+    plots = len(space.swept) + 6
     with ray_session(args.address), plot_workers(plots) as plotters:
         results = run_sweep(space, data, experiment, metadata, args)
         experiment.check_writable()  # trials that could not save have errored; say why, once
@@ -266,7 +269,7 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: ExperimentFolde
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on stderr
         search_alg = OptunaSearch(seed=space.seed)
     storage, name = experiment.location.rsplit("/", 1)
-    reporter = CLIReporter(
+    reporter = with_progress(CLIReporter, Plan.of(space))(
         parameter_columns=space.swept, metric_columns=list(PROGRESS_METRICS), max_report_frequency=10, sort_by_metric=True,
     )
     return Tuner(
