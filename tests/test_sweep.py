@@ -101,6 +101,10 @@ def test_quick_space_end_to_end_from_the_command_line(images: Path, tmp_path: Pa
     assert metadata["space_yaml"] == load_space("quick").text and metadata["sweep_seed"] == 0
     assert "best trials by val_acc" in done.stdout and f"experiment: {experiment}" in done.stdout
     assert "notice: the Ray cluster has no GPU" in done.stdout  # quick asks for `gpu: auto`
+    report = (experiment / "analysis" / "report.md").read_text()  # the learner's questions, answered on a real sweep
+    for words in ("## The seed's findings, checked", "- Pooling hardly matters: ", "- Smaller windows do better: ", "- Why validation loss rises",
+                  "- Cost of pooling ", "](right_and_wrong.png)", "](reliability.png)", "](cost.png)", "Experiment: `quick`."):
+        assert words in report, words
     progress = [line for line in done.stdout.splitlines() if line.startswith("progress: ")]
     assert progress and progress[-1].startswith("progress: 4 of 4 trials done, 8 of 8 epochs; about 0 s left at ")
 
