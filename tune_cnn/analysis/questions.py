@@ -4,6 +4,7 @@ or "grok", and what each setting costs in time beside what it buys."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -171,11 +172,12 @@ def grok_sentence(rises: pd.DataFrame, metric: str = "val_acc") -> str | None:
 
 
 def cost_sentences(sweep: Sweep, effect_table: pd.DataFrame) -> list[str]:
-    """Each swept setting's effect on seconds per epoch beside its effect on the sweep's metric, a sentence per pair
-    of values that the effects table holds."""
+    """Each swept setting's effect on seconds per epoch (each trial's median epoch, steadier than any one epoch on a
+    shared machine) beside its effect on the sweep's metric, a sentence per pair of values that the effects table holds."""
     if effect_table.empty:
         return []
-    times = effects(sweep, metric="epoch_seconds").set_index(["setting", "value_a", "value_b"])
+    medians = sweep.frame.assign(epoch_seconds=sweep.frame.groupby("trial_id")["epoch_seconds"].transform("median"))
+    times = effects(replace(sweep, frame=medians), metric="epoch_seconds").set_index(["setting", "value_a", "value_b"])
     lines = []
     for r in effect_table.itertuples():
         if (r.setting, r.value_a, r.value_b) not in times.index:
