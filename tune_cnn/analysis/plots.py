@@ -193,10 +193,14 @@ def plot_cost(costs: pd.DataFrame, metric: str, colour_by: str | None = None) ->
     levels = sorted(costs[colour_by].unique(), key=str) if colour_by else [None]
     colours = _colours(levels)
     figure, ax = plt.subplots(figsize=(8.5, 5.6), constrained_layout=True)
+    others = [c for c in costs.columns if c not in ("trial_id", "seconds", metric, colour_by, "seed")]
     for level in levels:
         rows = costs[costs[colour_by] == level] if colour_by else costs
-        ax.scatter(rows["seconds"] / 60, _scaled(metric, rows[metric]), color=colours[level], s=40,
-                   label=f"{colour_by} = {value_label(level)}" if colour_by else None)
+        x, y = rows["seconds"] / 60, _scaled(metric, rows[metric])
+        ax.scatter(x, y, color=colours[level], s=40, label=f"{colour_by} = {value_label(level)}" if colour_by else None)
+        for (_, row), xi, yi in zip(rows.iterrows(), x, y):  # the other settings beside each point
+            ax.annotate(", ".join(f"{c}={value_label(row[c])}" for c in others), (xi, yi), textcoords="offset points", xytext=(5, 4),
+                        fontsize="x-small", color=colours[level])
     ax.set(title=f"{metric} at each trial's best epoch against its training time", xlabel="training time (minutes, all its epochs)",
            ylabel=f"{metric}" + (" (%)" if metric.endswith("_acc") else ""))
     ax.grid(alpha=0.3)
