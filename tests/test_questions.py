@@ -22,16 +22,20 @@ def diagnosed(report: dict, carried_by: str) -> dict:
     """A report with its validation diagnostics: the rise in loss after epoch 3 carried by the wrong answers (their
     confidence rising) or by the right ones (their confidence falling), so that loss = acc * loss_right + (1 - acc) *
     loss_wrong holds; calibration bins that hold every image."""
-    epoch, acc, loss = report["epoch"], report["val_acc"], report["val_loss"]
-    if carried_by == "wrong":
-        loss_right, conf_right, conf_wrong = LOSS_RIGHT, 0.80 + 0.01 * epoch, 0.50 + 0.03 * epoch
-        loss_wrong = (loss - acc * loss_right) / (1 - acc)
-    else:
-        loss_wrong, conf_right, conf_wrong = LOSS_WRONG, 0.95 - 0.03 * epoch, 0.50
-        loss_right = (loss - (1 - acc) * loss_wrong) / acc
-    bins = [[0, math.nan, math.nan]] * 13 + [[4000, conf_wrong, acc - 0.1], [1000, conf_right, acc + 0.1]]
-    return {**report, "val_loss_right": loss_right, "val_loss_wrong": loss_wrong, "val_conf_right": conf_right, "val_conf_wrong": conf_wrong,
-            "val_ece": 0.02 * epoch, "val_forgotten": 10, "val_learned": 20, "val_calibration": bins}
+    epoch = report["epoch"]
+    for split in ("val", "test"):
+        acc, loss = report[f"{split}_acc"], report[f"{split}_loss"]
+        if carried_by == "wrong":
+            loss_right, conf_right, conf_wrong = LOSS_RIGHT, 0.80 + 0.01 * epoch, 0.50 + 0.03 * epoch
+            loss_wrong = (loss - acc * loss_right) / (1 - acc)
+        else:
+            loss_wrong, conf_right, conf_wrong = LOSS_WRONG, 0.95 - 0.03 * epoch, 0.50
+            loss_right = (loss - (1 - acc) * loss_wrong) / acc
+        bins = [[0, math.nan, math.nan]] * 13 + [[4000, conf_wrong, acc - 0.1], [1000, conf_right, acc + 0.1]]
+        report = {**report, f"{split}_loss_right": loss_right, f"{split}_loss_wrong": loss_wrong, f"{split}_conf_right": conf_right,
+                  f"{split}_conf_wrong": conf_wrong, f"{split}_ece": 0.02 * epoch, f"{split}_forgotten": 10, f"{split}_learned": 20,
+                  f"{split}_calibration": bins}
+    return report
 
 
 @pytest.mark.parametrize("carried_by, words", [
@@ -60,6 +64,11 @@ def test_the_rise_in_validation_loss_is_split_between_wrong_and_right_answers(tm
                                f"by 0.3 on average, of which the wrong answers add {0.3 - from_right:+.3g} ({share_wrong:.0%}; ")
     assert f"and the right answers {from_right:+.3g} ({1 - share_wrong:.0%}; their confidence went from " in sentence
     assert words in sentence and "Calibration error (ECE) went from 0.060 to 0.120." in sentence
+    # The test split (loss 0.01 above validation's, accuracy 1 point below) over the same trials and epochs.
+    test_from_right = (LOSS_RIGHT * ((acc[EPOCHS] - 0.01) - (acc[3] - 0.01)).mean() if carried_by == "wrong"
+                       else 0.3 - LOSS_WRONG * ((1 - acc[EPOCHS] + 0.01) - (1 - acc[3] + 0.01)).mean())
+    assert sentence.endswith(f" On the test split, over the same epochs, the loss rose by 0.3 on average, {1 - test_from_right / 0.3:.0%} "
+                             f"of it from the wrong answers.")
 
 
 def test_reliability_and_right_and_wrong_plots_are_written_where_the_trials_reported_their_diagnostics(tmp_path: Path):

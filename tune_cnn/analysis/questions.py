@@ -56,9 +56,10 @@ def _group_loss(row: pd.Series, split: str, group: str) -> float:
     return 0.0 if weight == 0 else weight * row[f"{split}_loss_{group}"]
 
 
-def overfitting_sentence(rises: pd.DataFrame) -> str:
+def overfitting_sentence(rises: pd.DataFrame, test_rises: pd.DataFrame | None = None) -> str:
     """Which of the learner's hypotheses the rise in validation loss supports, with the figures, over the trials
-    whose validation loss rose more than OVERFIT_RISE above its minimum."""
+    whose validation loss rose more than OVERFIT_RISE above its minimum; with `test_rises` (loss_rise of the test
+    split), the test loss's share from the wrong answers over the same trials and epochs too."""
     risen = rises[(rises["rise"] > OVERFIT_RISE * rises["loss_at_best"]) & rises["from_wrong"].notna()]
     if risen.empty:
         return (f"Why validation loss rises: in no trial did it rise more than {OVERFIT_RISE:.0%} above its minimum with its "
@@ -81,7 +82,18 @@ def overfitting_sentence(rises: pd.DataFrame) -> str:
             f"{mean['from_right']:+.3g} ({1 - share_wrong:.0%}; their confidence went from {mean['conf_right_at_best']:.2f} to "
             f"{mean['conf_right_at_last']:.2f}), while validation accuracy went from {100 * mean['acc_at_best']:.1f}% to "
             f"{100 * mean['acc_at_last']:.1f}%. {verdict} Calibration error (ECE) went from {mean['ece_at_best']:.3f} to "
-            f"{mean['ece_at_last']:.3f}.")
+            f"{mean['ece_at_last']:.3f}." + _test_share(risen, test_rises))
+
+
+def _test_share(risen: pd.DataFrame, test_rises: pd.DataFrame | None) -> str:
+    """The test split's rise over the same trials and epochs, and the wrong answers' share of it."""
+    if test_rises is None or test_rises.empty:
+        return ""
+    test = test_rises[test_rises["trial_id"].isin(risen["trial_id"])]
+    if test.empty or test["from_wrong"].isna().any() or test["rise"].sum() == 0:
+        return ""
+    return (f" On the test split, over the same epochs, the loss rose by {test['rise'].mean():.3g} on average, "
+            f"{test['from_wrong'].sum() / test['rise'].sum():.0%} of it from the wrong answers.")
 
 
 # --- Would longer training help? ---------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def findings(sweep: Sweep, effect_table: pd.DataFrame, importance_table: pd.Data
         + (f"; validation loss was lowest at epoch {lowest.mean():.1f} on average." if len(lowest) else ".")
     )
     if has_diagnostics(sweep):
-        lines.append(overfitting_sentence(loss_rise(sweep)))
+        lines.append(overfitting_sentence(loss_rise(sweep), loss_rise(sweep, "test")))
     gaps = [f"{_points(diagnosis[f'gap_at_{e}'].mean())} points at epoch {e}" for e in sweep.context.snapshot_epochs
             if f"gap_at_{e}" in diagnosis and diagnosis[f"gap_at_{e}"].notna().any()]
     if gaps:
