@@ -182,6 +182,25 @@ def test_the_bf16_cuda_graph_runs_on_weight_copies_and_trains_as_the_eager_engin
 
 
 @CUDA
+def test_a_learning_rate_set_between_epochs_reaches_the_captured_step(small_data):
+    """The graph's optimizer step reads the learning rate from a tensor: the rate set after capture is the one used."""
+    runs = []
+    for graph in (False, True):
+        engine = build_engine(TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": graph, "precision": "fp32"}),
+                              small_data.shape, small_data.mean, small_data.std)
+        data = engine.put(small_data.train)
+        losses = []
+        for lr in (1e-3, 1e-2, 0.0):
+            engine.optimizer.set_lr(lr)
+            losses.append(engine.train_epoch(data)[0])
+        frozen = [p.detach().clone() for p in engine.model.parameters()]
+        engine.train_epoch(data)  # at lr 0 the steps leave the weights as they are
+        assert all(torch.equal(a, b) for a, b in zip(frozen, engine.model.parameters()))
+        runs.append(losses)
+    assert runs[1] == pytest.approx(runs[0], rel=2e-2)
+
+
+@CUDA
 @pytest.mark.parametrize("settings", [{"precision": "fp32"}, {"compile": True}])
 def test_the_cuda_graph_keeps_the_model_itself_in_fp32_or_compiled(small_data, settings):
     config = TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "cuda_graph": True, **settings})

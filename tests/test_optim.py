@@ -69,6 +69,24 @@ def test_steps_are_bit_for_bit_torch_optims(name, device, monkeypatch):
     assert not torch.equal(next(ours.parameters()), next(twin_models(device)[0].parameters())), "the steps changed nothing"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_new_learning_rate_steps_as_torch_optims_with_its_group_changed(name, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    config = TrainConfig.from_flat(SETTINGS[name])
+    (ours, theirs), lr = twin_models(device), config.lr / 7
+    ours_optimizer, theirs_optimizer = make_optimizer(config, ours), torch_optimizer(config, theirs)
+    for model, optimizer in ((ours, ours_optimizer), (theirs, theirs_optimizer)):
+        train_steps(model, optimizer, steps=2, seed=1)
+    ours_optimizer.set_lr(lr)
+    theirs_optimizer.param_groups[0]["lr"] = lr
+    for model, optimizer in ((ours, ours_optimizer), (theirs, theirs_optimizer)):
+        train_steps(model, optimizer, steps=2, seed=2)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert ours_optimizer.state_dict()["param_groups"][0]["lr"] == lr
+
+
 def saved_and_loaded(state: dict) -> dict:
     """Through torch.save and torch.load(weights_only=True), as a checkpoint goes."""
     buffer = io.BytesIO()

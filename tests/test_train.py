@@ -53,7 +53,16 @@ def test_each_epochs_diagnostics_add_up(small_data, tmp_path):
             right_before = round(acc * size)
 
 
-@pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05}])
+def test_a_cosine_schedule_sets_each_epochs_learning_rate_and_the_report_names_it(small_data, tmp_path):
+    config = TrainConfig.from_flat({"epochs": 4, "batch_size": 64, "lr": 0.002, "schedule": "cosine"})
+    history = train(config, small_data, quiet(tmp_path))
+    assert [m["lr"] for m in history] == pytest.approx([0.002, 0.002 * (1 + 0.5**0.5) / 2, 0.001, 0.002 * (1 - 0.5**0.5) / 2])
+    assert history[-1]["val_acc"] > 0.9
+    assert {m["lr"] for m in train(TrainConfig.from_flat({"epochs": 2, "batch_size": 64}), small_data, quiet(tmp_path / "c"))} == {0.001}
+
+
+@pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05},
+                                      {"schedule": "cosine"}])
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
     straight = train(config, small_data, quiet(tmp_path / "straight"))

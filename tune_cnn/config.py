@@ -22,6 +22,8 @@ from tune_cnn.models import family
 Augment = Literal["none", "flip", "crop", "crop_flip"]
 AUGMENTATIONS = get_args(Augment)
 Padding = Literal["valid", "same"]
+Schedule = Literal["constant", "cosine"]  # the learning rate over the epochs: optim.scheduled_lr
+SCHEDULES = get_args(Schedule)
 Pooling = Literal["max", "avg"]
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds 0 .. 2**32 - 1
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -87,6 +89,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
+    schedule: Schedule = "constant"
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 32
@@ -112,6 +115,7 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} is out of range; use an integer from 0 to {MAX_SEED}"),
             (DEVICE.fullmatch(self.device) is not None, f"device '{self.device}' is unknown; use auto, cpu, cuda or cuda:N"),
+            (self.schedule in SCHEDULES, f"schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}"),
             (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
             (self.eval_batch_size >= 1, f"eval_batch_size {self.eval_batch_size} is out of range; use an integer >= 1"),

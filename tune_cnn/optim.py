@@ -4,10 +4,13 @@ use imports torch._dynamo, most of a trial's start-up (benchmarks/README.md).
 The update here is the functional call that torch.optim.AdamW(fused=True) and SGD(fused=True) make themselves,
 so the numbers are bit for bit theirs, and state_dict() has torch.optim's layout, so a checkpoint loads into
 either (tests/test_optim.py). Fused kernels: one launch per step for all parameters on CUDA, and faster than
-foreach on the CPU. Their hyperparameters are torch.optim's defaults except where the config sets them.
+foreach on the CPU. Their hyperparameters are torch.optim's defaults except where the config sets them. The
+learning rate is a tensor on the parameters' device, so that a step captured in a CUDA graph reads the value that
+the schedule set last (a float would be frozen into the graph).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +23,14 @@ ParamState = dict[str, Any]
 TORCH_FLAGS = {"maximize": False, "foreach": None, "differentiable": False, "fused": True}
 
 
+def scheduled_lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate for `epoch` (from 1) of `epochs`: `lr` throughout, or annealed from `lr` towards 0 on a half
+    cosine, one value per epoch, since a rate that ends small settles the weights where a constant one keeps them moving."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
+    return lr
+
+
 class FusedOptimizer:
     """What both optimizers share: their parameters, one group of hyperparameters, a state per parameter."""
 
@@ -27,6 +38,13 @@ class FusedOptimizer:
         self.params = list(params)
         self.group = group
         self.state = [new_state(p) for p in self.params]
+        device = self.params[0].device  # the CPU's fused kernels read the rate as a double, CUDA's as a float
+        self.lr = torch.tensor(group["lr"], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the steps that follow (outside a CUDA graph's capture)."""
+        self.group["lr"] = lr
+        self.lr.fill_(lr)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -74,7 +92,7 @@ class FusedAdamW(FusedOptimizer):
         live, group = self.stepped(), self.group
         adamw([self.params[i] for i in live], [self.params[i].grad for i in live], self.column("exp_avg", live),
               self.column("exp_avg_sq", live), [], self.column("step", live), fused=True, capturable=group["capturable"],
-              amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+              amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=self.lr,
               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
@@ -91,7 +109,7 @@ class FusedSGD(FusedOptimizer):
         live, group = self.stepped(), self.group
         buffers = self.column("momentum_buffer", live)
         sgd([self.params[i] for i in live], [self.params[i].grad for i in live], buffers, fused=True,
-            weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], momentum=group["momentum"], lr=self.lr, dampening=group["dampening"],
             nesterov=group["nesterov"], maximize=False)
         for i, buffer in zip(live, buffers):  # sgd() fills in the buffers it made
             self.state[i]["momentum_buffer"] = buffer

@@ -33,6 +33,7 @@ from tune_cnn.config import SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.engine import DeviceData, Engine, build_engine, resolve_device
 from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error
+from tune_cnn.optim import scheduled_lr
 
 Metrics = dict[str, Any]  # numbers, and each evaluated split's calibration bins
 Reporter = Callable[[Metrics, "Path | None"], None]
@@ -127,6 +128,8 @@ def train(config: TrainConfig, data: DataSplits, report: Reporter = print_report
 
 def run_epoch(engine: Engine, splits: dict[str, DeviceData], epoch: int) -> Metrics:
     """One training pass and the evaluation of the validation and test splits, as the epoch's metrics."""
+    config = engine.config
+    engine.optimizer.set_lr(scheduled_lr(config.schedule, config.lr, epoch, config.epochs))
     start = time.perf_counter()
     train_loss, train_acc = engine.train_epoch(splits["train"])
     train_seconds = time.perf_counter() - start
