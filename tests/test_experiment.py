@@ -26,8 +26,10 @@ def test_a_folder_written_before_the_format_version_loads_with_the_same_datafram
     sweep = analysis.load(format_1)
     before = pd.read_parquet(format_1 / "analysis" / "results.parquet")  # what that code's analysis loaded
     pd.testing.assert_frame_equal(sweep.frame[before.columns], before)
-    added = [c for c in sweep.frame.columns if c not in before.columns]  # the metrics that code did not report yet
-    assert added == [f"{split}_{name}" for split in ("val", "test") for name in DIAGNOSTICS] and sweep.frame[added].isna().all().all()
+    added = [c for c in sweep.frame.columns if c not in before.columns]  # a setting and the metrics that code did not have yet
+    diagnostics = [f"{split}_{name}" for split in ("val", "test") for name in DIAGNOSTICS]
+    assert added == ["schedule", *diagnostics] and sweep.frame[diagnostics].isna().all().all()
+    assert (sweep.frame["schedule"] == "constant").all()  # the setting's default: how that code trained
     context = sweep.context
     assert (context.swept, context.snapshot_epochs, context.metric, context.mode, context.incomplete) == (
         ["pooling", "conv_width"], [2, 3], "val_acc", "max", {})  # as that code's DataFrame.attrs held them
