@@ -182,7 +182,7 @@ def test_the_bf16_cuda_graph_runs_on_weight_copies_and_trains_as_the_eager_engin
 
 
 @CUDA
-def test_a_learning_rate_set_between_epochs_reaches_the_captured_step(small_data):
+def test_a_learning_rate_set_between_epochs_reaches_the_cuda_graphs_captured_step(small_data):
     """The graph's optimizer step reads the learning rate from a tensor: the rate set after capture is the one used."""
     runs = []
     for graph in (False, True):
