@@ -305,3 +305,13 @@ def test_shared_cifar10_copy_loads_in_full(cifar_archive):
     assert (len(data.train), len(data.val), len(data.test)) == (45_000, 5_000, 10_000)
     assert data.classes == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     assert np.bincount(data.test.y).tolist() == [1000] * 10
+
+
+def test_an_empty_environment_variable_means_its_default(monkeypatch):
+    """`TUNE_CNN_CACHE=` once made the current folder the cache; empty now reads as unset, as XDG's variables do."""
+    monkeypatch.setenv("TUNE_CNN_CACHE", "")
+    monkeypatch.setenv("TUNE_CNN_DATA", "")
+    assert data_module.default_cache_dir() == Path.home() / ".cache" / "tune_cnn"
+    assert data_module.default_source() == "cifar10"
+    monkeypatch.setenv("TUNE_CNN_CACHE", "/somewhere/else")
+    assert data_module.default_cache_dir() == Path("/somewhere/else")

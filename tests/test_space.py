@@ -132,7 +132,7 @@ BAD_SPACES = {
     "unknown top-level key": ("serach: grid\n", r"serach: unknown key; allowed keys: search, metric"),
     "unknown setting in space": ("space: {colour: [red]}\n", r"space\.colour: unknown key; allowed: .*pooling"),
     "unknown setting in fixed": ("fixed: {learning_rate: 0.1}\n", r"fixed\.learning_rate: unknown key"),
-    "wrong type": ("fixed: {epochs: ten}\n", r"fixed\.epochs: epochs 'ten' has the wrong type; expected int"),
+    "wrong type": ("fixed: {epochs: ten}\n", r"fixed\.epochs: epochs 'ten' has the wrong type; expected an integer"),
     "wrong type in a grid": ("space: {batch_norm: [true, 'yes']}\n", r"space\.batch_norm: batch_norm 'yes' has the wrong type"),
     "dropout out of range": ("space: {dropout: [0.0, 1.5]}\n", r"space\.dropout: dropout 1\.5 is out of range; use 0 <= dropout < 1"),
     "negative gpu": ("resources: {gpu: -1}\n", r"resources\.gpu: -1 is not allowed; use 0, a fraction of one GPU \(0\.25, 0\.5\), a whole number, or auto"),
@@ -174,6 +174,8 @@ BAD_SPACES = {
     "asha setting on fifo": ("scheduler: {type: fifo, grace_period: 2}\n", r"scheduler\.grace_period: applies to the asha scheduler only"),
     "grace period past the end": ("fixed: {epochs: 3}\nscheduler: {type: asha, grace_period: 5}\n", r"scheduler\.grace_period: 5 is more than max_t 3"),
     "not a mapping": ("- pooling\n- conv_width\n", r"a search space is a YAML mapping"),
+    "empty": ("", r"bad\.yaml: holds no settings \(empty, or comments only\); a search space is a YAML mapping of search, .* at least `fixed` or `space`"),
+    "comments only": ("# pooling: [max, avg]\n\n", r"bad\.yaml: holds no settings \(empty, or comments only\)"),
     "subset zero": ("subset: 0\n", r"subset: 0 is not allowed; use an integer >= 1"),
     "momentum swept for adam only": ("space: {momentum: [0.0, 0.9]}\n", r"space\.momentum: every trial uses optimizer adam, which ignores momentum"),
 }

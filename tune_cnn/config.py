@@ -8,6 +8,7 @@ checks that they fit the images).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +28,12 @@ SCHEDULES = get_args(Schedule)
 Pooling = Literal["max", "avg"]
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds 0 .. 2**32 - 1
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def from_environment(name: str, default: str) -> str:
+    """$`name` where it is set to something, else `default`: an empty value means unset, as XDG's variables do,
+    so that `TUNE_CNN_CACHE=` cannot turn the current folder into the cache."""
+    return os.environ.get(name) or default
 
 
 @dataclass(frozen=True)
@@ -162,8 +169,12 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     try:
         return _validator(hint).validate_python(tuple(value) if isinstance(value, list) else value, strict=True)
     except ValidationError:
-        expected = "list of integers, such as [32, 64, 64]" if hint == tuple[int, ...] else hint.__name__
-        raise ConfigError(f"{name} {value!r} has the wrong type; expected {expected}") from None
+        raise ConfigError(f"{name} {value!r} has the wrong type; expected {EXPECTED.get(hint, hint.__name__)}") from None
+
+
+# What a setting of each type looks like, for the wrong-type error (an int written 1e9 is text to YAML).
+EXPECTED = {int: "an integer, such as 30 (1e3 is text: write 1000)", float: "a number, such as 0.001",
+            bool: "true or false", str: "a word", tuple[int, ...]: "a list of integers, such as [32, 64, 64]"}
 
 
 @cache

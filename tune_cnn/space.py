@@ -218,7 +218,8 @@ def parse_yaml(path: Path, text: str) -> dict[str, Any]:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path}:{where}: YAML syntax error ({problem}); fix the file's indentation or quoting") from None
     if raw is None:
-        raw = {}
+        raise ConfigError(f"{path}: holds no settings (empty, or comments only); a search space is a YAML mapping of "
+                          f"{', '.join(TOP_KEYS)}, at least `fixed` or `space`, as in search_spaces/seed.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a search space is a YAML mapping of {', '.join(TOP_KEYS)}")
     return raw

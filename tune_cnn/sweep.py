@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_cnn.cluster import ray_session, trial_resources, warn_if_storage_is_not_shared
-from tune_cnn.config import TrainConfig
+from tune_cnn.config import TrainConfig, from_environment
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, exit_on_user_error
 from tune_cnn.experiment import ExperimentFolder, Metadata, comparable_data, save_reports, saved_reports
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("space", nargs="?", default="seed", help="a space name from search_spaces/ or a YAML file (default: seed)")
     parser.add_argument("--data", default=None, help=DATA_HELP)
-    parser.add_argument("--storage", default=os.environ.get("TUNE_CNN_STORAGE", "./tune_results"),
+    parser.add_argument("--storage", default=from_environment("TUNE_CNN_STORAGE", "./tune_results"),
                         help="experiments folder, or a URI such as s3://bucket/path (default: $TUNE_CNN_STORAGE, else ./tune_results)")
     parser.add_argument("--name", default=None, help="experiment name (default: the space's name)")
     parser.add_argument("--epochs", type=int, help="override the space's epochs")

@@ -165,6 +165,8 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise ConfigError(f"--set {pair}: write NAME=VALUE, for example --set epochs=10")
+        if name in settings:
+            raise ConfigError(f"--set {name}: named twice; give each setting once")
         try:
             settings[name] = yaml.safe_load(value)
         except yaml.YAMLError:

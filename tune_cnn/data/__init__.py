@@ -7,13 +7,12 @@ taken from the training split. Each source is read by a module of its own: cifar
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tune_cnn.config import InputShape
+from tune_cnn.config import InputShape, from_environment
 from tune_cnn.data.archives import ARCHIVE_SUFFIXES, ARCHIVES_TEXT, extract_archive
 from tune_cnn.data.arrays import Arrays, RawData
 from tune_cnn.data.cifar import CIFAR_URL_HINT, download_cifar10, read_cifar_batches
@@ -65,11 +64,11 @@ class DataSplits:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TUNE_CNN_CACHE", Path.home() / ".cache" / "tune_cnn"))
+    return Path(from_environment("TUNE_CNN_CACHE", str(Path.home() / ".cache" / "tune_cnn")))
 
 
 def default_source() -> str:
-    return os.environ.get("TUNE_CNN_DATA", "cifar10")
+    return from_environment("TUNE_CNN_DATA", "cifar10")
 
 
 def load_data(
