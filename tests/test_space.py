@@ -144,6 +144,10 @@ BAD_SPACES = {
     "zero cpu": ("resources: {cpu: 0}\n", r"resources\.cpu: 0 is not allowed; use a finite number > 0"),
     "distribution in grid mode": ("space: {lr: {loguniform: [0.0001, 0.01]}}\n", r"space\.lr: distributions are for optuna search"),
     "a grid with no trials": ("space: {pooling: []}\n", r"space\.pooling: an empty list yields no trials"),
+    "a grid of a million trials": (
+        "space: {lr: [%s], seed: [%s]}\n" % (", ".join(f"{i + 1}.0e-5" for i in range(1000)), ", ".join(map(str, range(1000)))),
+        r"space: the grid has 1,000,000 trials \(1000 lr x 1000 seed\), more than 10,000; sweep fewer values, or use search: optuna",
+    ),
     "a single value in space": ("space: {pooling: max}\n", r"space\.pooling: 'max' is one value; list the values"),
     "fixed and swept": ("fixed: {pooling: max}\nspace: {pooling: [max, avg]}\n", r"space\.pooling: is both fixed and swept"),
     "unknown search": ("search: random\n", r"search: 'random' is not allowed; use one of: grid, optuna"),

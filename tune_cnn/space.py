@@ -37,6 +37,7 @@ SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 # `gpu: auto` packs 8 trials per GPU: under CUDA MPS eight train nearly 4x one trial's images/s (benchmarks/README.md).
 AUTO_GPU_PER_TRIAL = 0.125
 MAX_INT_PROBES = 64  # an int range up to this long is checked value by value
+MAX_GRID_TRIALS = 10_000  # beyond it, checking and queuing the trials takes minutes before any trains
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,10 @@ def _check_trials(fail: _Failer, space: SearchSpace) -> None:
     """Settings can be valid alone and clash together (batch_norm with batch_size 1): every grid trial must make a
     valid config, and in an Optuna space every pair of swept settings, each at its values or its range's ends."""
     if space.search == "grid":
+        if space.trial_count > MAX_GRID_TRIALS:
+            counts = " x ".join(f"{len(values)} {name}" for name, values in space.space.items())
+            fail("space", f"the grid has {space.trial_count:,} trials ({counts}), more than {MAX_GRID_TRIALS:,}; "
+                          "sweep fewer values, or use search: optuna with samples")
         for trial in space.grid_trials():
             _typed(fail, "space", trial)
         return
