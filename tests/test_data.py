@@ -1,3 +1,4 @@
+import io
 import pickle
 import shutil
 import tarfile
@@ -287,6 +288,23 @@ def test_archive_members_cannot_escape_the_cache(tmp_path, cache):
         z.writestr("../escaped.txt", "x")
     assert "unsafe path '../escaped.txt'" in one_line_error(archive, cache)
     assert not (cache / "extracted" / "escaped.txt").exists() and not (cache / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_an_archive_that_would_extract_far_beyond_its_size_is_refused_before_anything_is_written(tmp_path, cache, suffix):
+    """A 64 MiB member of zeros packs into about 64 KiB (1000x): over the 200x limit, as a zip bomb is."""
+    zeros, archive = bytes(64 * 2**20), tmp_path / f"bomb{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("train/cat/0.png", zeros)
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            info = tarfile.TarInfo("train/cat/0.png")
+            info.size = len(zeros)
+            tar.addfile(info, io.BytesIO(zeros))
+    message = one_line_error(archive, cache)
+    assert f"{archive} would extract to 64.0 MiB, over tune_cnn's limit of" in message and "it may be an archive bomb" in message
+    assert [p.name for p in (cache / "extracted").iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_failed_download_says_offline_and_how_to_point_at_a_copy(cache, monkeypatch):

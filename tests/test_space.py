@@ -128,6 +128,7 @@ def test_int_distributions_are_inclusive_and_checked_value_by_value(tmp_path: Pa
         load_space(even)
 
 
+THOUSAND_LRS, THOUSAND_SEEDS = ", ".join(f"{i + 1}.0e-5" for i in range(1000)), ", ".join(map(str, range(1000)))
 BAD_SPACES = {
     "unknown top-level key": ("serach: grid\n", r"serach: unknown key; allowed keys: search, metric"),
     "unknown setting in space": ("space: {colour: [red]}\n", r"space\.colour: unknown key; allowed: .*pooling"),
@@ -145,7 +146,7 @@ BAD_SPACES = {
     "distribution in grid mode": ("space: {lr: {loguniform: [0.0001, 0.01]}}\n", r"space\.lr: distributions are for optuna search"),
     "a grid with no trials": ("space: {pooling: []}\n", r"space\.pooling: an empty list yields no trials"),
     "a grid of a million trials": (
-        "space: {lr: [%s], seed: [%s]}\n" % (", ".join(f"{i + 1}.0e-5" for i in range(1000)), ", ".join(map(str, range(1000)))),
+        f"space: {{lr: [{THOUSAND_LRS}], seed: [{THOUSAND_SEEDS}]}}\n",
         r"space: the grid has 1,000,000 trials \(1000 lr x 1000 seed\), more than 10,000; sweep fewer values, or use search: optuna",
     ),
     "a single value in space": ("space: {pooling: max}\n", r"space\.pooling: 'max' is one value; list the values"),
