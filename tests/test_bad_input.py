@@ -178,6 +178,12 @@ CASES: dict[str, Case] = {
     "unknown device": ("train", lambda t, i: ["--data", str(i), "--set", "device=gpu"], "device 'gpu' is unknown"),
     "--set without a value": ("train", lambda t, i: ["--data", str(i), "--set", "epochs"], "write NAME=VALUE"),
     "--set without a name": ("train", lambda t, i: ["--data", str(i), "--set", "=5"], "--set =5: write NAME=VALUE"),
+    "a model too large for the machine's memory": ("train", lambda t, i: ["--data", str(i), "--set", "dense_units=100000000"],
+                                                   "this trial: needs about "),
+    "a sweep whose largest trial cannot fit the machine's memory": (
+        "sweep", lambda t, i: [space_file(t, "fixed: {epochs: 1}\nspace: {dense_units: [8, 100000000]}\n"), "--data", str(i)],
+        "the largest trial (dense_units=100000000): 2 trials at once need",
+    ),
     "--set naming a setting twice": ("train", lambda t, i: ["--data", str(i), "--set", "epochs=1", "epochs=2"],
                                      "--set epochs: named twice; give each setting once"),
     "--set of an integer in e-notation": ("train", lambda t, i: ["--data", str(i), "--set", "epochs=1e9"],

@@ -6,7 +6,7 @@ from torch import nn
 
 from tune_cnn.config import InputShape, ModelConfig
 from tune_cnn.errors import ConfigError
-from tune_cnn.models import FAMILIES, Family, build_model, count_parameters, fits_any_shape
+from tune_cnn.models import FAMILIES, Family, ModelSize, build_model, count_parameters, family, fits_any_shape
 
 CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
 
@@ -80,7 +80,31 @@ def tiny(config: ModelConfig, shape: InputShape) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(shape.channels * shape.height * shape.width, shape.classes))
 
 
+def tiny_size(config: ModelConfig, shape: InputShape) -> ModelSize:
+    return ModelSize(parameters=(shape.channels * shape.height * shape.width + 1) * shape.classes, activations=shape.classes)
+
+
 def test_registry_builds_new_families_by_name(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(FAMILIES, "tiny_test_net", Family(fits_any_shape, f"{__name__}:tiny"))  # one entry: its check and its builder
+    # One entry: its check, its size and its builder.
+    monkeypatch.setitem(FAMILIES, "tiny_test_net", Family(fits_any_shape, tiny_size, f"{__name__}:tiny"))
     model = build_model(ModelConfig(model="tiny_test_net"), CIFAR)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("shape", [CIFAR, InputShape(channels=1, height=28, width=40, classes=7)])
+@pytest.mark.parametrize("settings", [
+    {}, {"batch_norm": True}, {"padding": "same", "conv_width": 5, "dropout": 0.3},
+    {"filters": (8, 16), "dense_units": 7, "batch_norm": True, "pooling": "avg"}, {"filters": (4,), "conv_width": 1},
+])
+def test_the_seed_familys_size_counts_the_built_models_parameters_and_layer_outputs(shape, settings):
+    config = ModelConfig(**settings)
+    size = family("seed_cnn").size(config, shape)
+    model = build_model(config, shape)
+    assert size.parameters == count_parameters(model)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel())) for m in model
+             if not isinstance(m, (nn.ReLU, nn.Flatten))]  # in place, or a view: nothing new to keep
+    model.train()(torch.zeros(2, shape.channels, shape.height, shape.width))  # two: batch norm trains on no fewer
+    for hook in hooks:
+        hook.remove()
+    assert 2 * size.activations == sum(outputs)

@@ -18,7 +18,7 @@ import torch
 from tune_cnn import analysis, sweep
 from tune_cnn.errors import ConfigError
 from tune_cnn.experiment import CHECKPOINT_REPORTS, ExperimentFolder
-from tune_cnn.models import FAMILIES, Family
+from tune_cnn.models import FAMILIES, Family, ModelSize
 from tune_cnn.space import load_space
 
 from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
@@ -246,7 +246,7 @@ def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path
                                             monkeypatch: pytest.MonkeyPatch):
     # A model family known to the driver only (registered in a script, not in a module the trials import)
     # passes the driver's checks and fails inside the trial, after its retries.
-    monkeypatch.setitem(FAMILIES, "driver_only_cnn", Family(lambda config, shape: None, "driver_only_module:build"))
+    monkeypatch.setitem(FAMILIES, "driver_only_cnn", Family(lambda config, shape: None, lambda config, shape: ModelSize(1, 1), "driver_only_module:build"))
     space = write_space(tmp_path, """
         fixed: {epochs: 1, model: driver_only_cnn, padding: same}
         space: {pooling: [max]}

@@ -2,7 +2,6 @@
 starts (its dry run) an estimate from a few timed steps of each distinct trial on this machine."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,8 +92,7 @@ def estimate(space: SearchSpace, data: DataSplits, max_concurrent: int | None = 
     if torch.cuda.is_available():
         return "time estimate: none on a machine with a GPU, where trials share each GPU; a short sweep (--epochs 1) shows the pace"
     trials = space.grid_trials() if space.search == "grid" else [_optuna_example(space)] * space.samples
-    threads = max(1, int(space.resources.cpu))
-    at_once = max(1, min((os.cpu_count() or 1) // threads, max_concurrent or len(trials), len(trials)))
+    threads, at_once = max(1, int(space.resources.cpu)), space.trials_at_once(max_concurrent)
     timed: dict[tuple, float] = {}
     start = time.perf_counter()
     total = 0.0

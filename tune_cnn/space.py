@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,19 @@ class SearchSpace:
         for values in self.space.values():
             count *= len(values)
         return count
+
+    def trials_at_once(self, max_concurrent: int | None = None) -> int:
+        """How many trials run together on this machine: one per `resources.cpu` of its CPUs, at most `max_concurrent`."""
+        threads = max(1, int(self.resources.cpu))
+        return max(1, min((os.cpu_count() or 1) // threads, max_concurrent or self.trial_count, self.trial_count))
+
+    def bounding_trials(self) -> list[dict[str, Any]]:
+        """Every grid trial; for Optuna, every combination of each swept setting's first two and last two values
+        (or its range's probes): where the largest trial of any kind lies."""
+        if self.search == "grid":
+            return self.grid_trials()
+        ends = [_ends(_candidate_values(values)) for values in self.space.values()]
+        return [{**self.fixed, **dict(zip(self.space, combo))} for combo in itertools.product(*ends)]
 
     def grid_trials(self) -> list[dict[str, Any]]:
         """Every trial of a grid search: fixed settings plus one combination of the swept values."""

@@ -27,6 +27,7 @@ from tune_cnn.config import TrainConfig, from_environment
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, exit_on_user_error
 from tune_cnn.experiment import ExperimentFolder, Metadata, comparable_data, save_reports, saved_reports
+from tune_cnn.memory import check_sweep_memory
 from tune_cnn.progress import Plan, estimate, with_progress
 from tune_cnn.space import AUTO_GPU_PER_TRIAL, Distribution, SearchSpace, load_space, space_names
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space, space_overrides(args))
     data = load_data(args.data, subset=space.subset, seed=space.seed)
     space.check_models(data.shape)
+    memory = check_sweep_memory(space, data.shape, data.images, args.max_concurrent) if args.address is None else None
     for notice in space.notices:
         print(notice)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment.check_start(resume=True, metadata=metadata)
         exists = not args.resume and experiment.holds_a_sweep()
         print(describe_trials(space, data))
+        print(memory or "memory: not estimated for a cluster's nodes", flush=True)
         print(estimate(space, data, args.max_concurrent), flush=True)
         if exists:
             print(f"notice: experiment {experiment.location} already exists; the run needs --resume to continue it, or another --name")

@@ -10,8 +10,9 @@ import argparse
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from tune_cnn.checkpoints import (
 from tune_cnn.config import SETTINGS, InputShape, TrainConfig
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.engine import DeviceData, Engine, build_engine, resolve_device
-from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error, first_line
+from tune_cnn.memory import FIXES, available_memory, check_fits, trial_memory
 from tune_cnn.optim import scheduled_lr
 
 Metrics = dict[str, Any]  # numbers, and each evaluated split's calibration bins
@@ -98,20 +100,22 @@ class Run:
         """Train on `data`; call `report(metrics, checkpoint_folder_or_None)` after every epoch (see train())."""
         if self.resume is not None:
             check_same_data(data, self.resume)
-        engine = build_engine(self.config, data.shape, data.mean, data.std, self.device)
-        splits = {name: engine.put(getattr(data, name)) for name in SPLITS}
-        evaluated = {name: splits[name] for name in EVALUATED}
-        first_epoch = 1 if self.resume is None else restore(engine, self.resume, evaluated) + 1
-        history = []
-        for epoch in range(first_epoch, self.config.epochs + 1):
-            metrics = run_epoch(engine, splits, epoch)
-            history.append(metrics)
-            if epoch % self.config.checkpoint_every == 0 or epoch == self.config.epochs:
-                with tempfile.TemporaryDirectory(prefix="tune_cnn_ckpt_") as folder:
-                    save_checkpoint(Path(folder), engine, epoch, data, evaluated)
-                    report(metrics, Path(folder))
-            else:
-                report(metrics, None)
+        check_trial_memory(self.config, data, self.device)
+        with allocation_failures_as_one_line(self.device):
+            engine = build_engine(self.config, data.shape, data.mean, data.std, self.device)
+            splits = {name: engine.put(getattr(data, name)) for name in SPLITS}
+            evaluated = {name: splits[name] for name in EVALUATED}
+            first_epoch = 1 if self.resume is None else restore(engine, self.resume, evaluated) + 1
+            history = []
+            for epoch in range(first_epoch, self.config.epochs + 1):
+                metrics = run_epoch(engine, splits, epoch)
+                history.append(metrics)
+                if epoch % self.config.checkpoint_every == 0 or epoch == self.config.epochs:
+                    with tempfile.TemporaryDirectory(prefix="tune_cnn_ckpt_") as folder:
+                        save_checkpoint(Path(folder), engine, epoch, data, evaluated)
+                        report(metrics, Path(folder))
+                else:
+                    report(metrics, None)
         return history
 
 
@@ -124,6 +128,28 @@ def train(config: TrainConfig, data: DataSplits, report: Reporter = print_report
     `checkpoint_every` epochs and at the last; `resume` (from load_checkpoint) continues at the next epoch.
     """
     return Run.prepare(config, resume).train(data, report)
+
+
+def check_trial_memory(config: TrainConfig, data: DataSplits, device: torch.device) -> None:
+    """A ConfigError where the model, its optimizer, its batches and a copy of the images cannot fit the memory
+    the device has free now (this process, and the images it loaded, are already counted there)."""
+    estimate = replace(trial_memory(config, data.shape, data.images), runtime=0)
+    if device.type == "cuda":
+        check_fits(estimate, torch.cuda.mem_get_info(device)[0], "this trial", f"GPU {device}")
+    else:
+        check_fits(estimate, available_memory(), "this trial")
+
+
+@contextmanager
+def allocation_failures_as_one_line(device: torch.device) -> Iterator[None]:
+    """An allocation that fails despite the estimate (memory taken by others meanwhile, a process limit) as one
+    ConfigError line saying what to change, where torch raises its allocator's traceback."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError on CUDA; a RuntimeError from the CPU's allocator
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        raise ConfigError(f"this trial ran out of memory on {device.type} ({first_line(error)}); {FIXES}") from None
 
 
 def run_epoch(engine: Engine, splits: dict[str, DeviceData], epoch: int) -> Metrics:

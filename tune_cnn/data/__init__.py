@@ -51,6 +51,11 @@ class DataSplits:
         return digest.hexdigest()
 
     @property
+    def images(self) -> int:
+        """Images in all three splits."""
+        return len(self.train) + len(self.val) + len(self.test)
+
+    @property
     def shape(self) -> InputShape:
         _, channels, height, width = self.train.x.shape
         return InputShape(channels, height, width, len(self.classes))

@@ -1,5 +1,6 @@
-"""The model registry: every CNN family by name, with its check that a config fits the images and the module
-that builds it, in one table (FAMILIES), as timm keeps one registry of models built from names.
+"""The model registry: every CNN family by name, with its check that a config fits the images, its size (for the
+memory estimate before anything trains) and the module that builds it, in one table (FAMILIES), as timm keeps one
+registry of models built from names.
 
 No torch here: a sweep's driver checks every model a space can ask for without importing it, and only a trial
 that builds a model imports its family's module. A new family is one file in this package (its builder) and one
@@ -23,11 +24,25 @@ ShapeCheck = Callable[["ModelConfig", "InputShape"], None]
 
 
 @dataclass(frozen=True)
+class ModelSize:
+    """What a model holds, counted without building it: its parameters, and the values its layers output for one
+    image in training (what backward keeps)."""
+
+    parameters: int
+    activations: int
+
+
+SizeCount = Callable[["ModelConfig", "InputShape"], ModelSize]
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family: `fits` raises a ConfigError where a config cannot take images of a shape, before anything is
-    built; `builder` names the function that builds the nn.Module, as "module:function"."""
+    built; `size` counts the model of a config that fits; `builder` names the function that builds the nn.Module,
+    as "module:function"."""
 
     fits: ShapeCheck
+    size: SizeCount
     builder: str
 
     def build(self, config: ModelConfig, shape: InputShape) -> nn.Module:
@@ -57,12 +72,29 @@ def seed_cnn_fits(config: ModelConfig, shape: InputShape) -> None:
         )
 
 
+def seed_cnn_size(config: ModelConfig, shape: InputShape) -> ModelSize:
+    heights, widths = seed_feature_sizes(config, shape.height), seed_feature_sizes(config, shape.width)
+    parameters = activations = 0
+    in_channels, k, norm = shape.channels, config.conv_width, 2 if config.batch_norm else 0
+    for i, channels in enumerate(config.filters):
+        area = heights[2 * i] * widths[2 * i]
+        parameters += channels * (in_channels * k * k + 1 + norm)
+        activations += channels * area * (2 if config.batch_norm else 1)  # the convolution's output, and batch norm's
+        if i < len(config.filters) - 1:
+            activations += channels * heights[2 * i + 1] * widths[2 * i + 1] * (2 if config.dropout else 1)  # pooled, dropped
+        in_channels = channels
+    flat = in_channels * heights[-1] * widths[-1]
+    parameters += config.dense_units * (flat + 1 + norm) + shape.classes * (config.dense_units + 1)
+    activations += config.dense_units * (1 + (1 if config.batch_norm else 0) + (1 if config.dropout else 0)) + shape.classes
+    return ModelSize(parameters, activations)
+
+
 def fits_any_shape(config: ModelConfig, shape: InputShape) -> None:
     """The check of a family whose builder adapts to any image size (a global pooling before its classifier)."""
 
 
 FAMILIES: dict[str, Family] = {
-    "seed_cnn": Family(seed_cnn_fits, "tune_cnn.models.seed_cnn:build"),
+    "seed_cnn": Family(seed_cnn_fits, seed_cnn_size, "tune_cnn.models.seed_cnn:build"),
 }
 
 
