@@ -16,9 +16,8 @@ from tune_cnn.models import family
 from tune_cnn.space import SearchSpace
 
 FLOAT_BYTES = 4
-# A trial's process before its model and data: Python, torch's libraries, a Ray worker (RSS of a seed-model trial
-# on CIFAR-10 less the estimate below: about 1 GiB; benchmarks/README.md).
-RUNTIME_BYTES = 2**30
+# A trial's process before its model and images: Python, torch's libraries, a Ray worker (benchmarks/README.md).
+RUNTIME_BYTES = 2**29
 FIXES = "use fewer or smaller images (--subset), more pooling or fewer filters, fewer dense_units, a smaller batch_size"
 
 
@@ -28,8 +27,8 @@ class MemoryEstimate:
 
     weights: int  # the parameters, their gradients and the optimizer's state
     activations: int  # what a training batch keeps for backward, with its gradients; an evaluation batch
-    data: int  # every split's images as uint8
-    runtime: int = RUNTIME_BYTES
+    data: int  # every split's images as uint8, on the device
+    runtime: int  # the process, and the images as it loaded them
 
     @property
     def total(self) -> int:
@@ -37,7 +36,7 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (f"about {gib(self.total)} (weights and optimizer {gib(self.weights)}, activations {gib(self.activations)}, "
-                f"images {gib(self.data)}, the process {gib(self.runtime)})")
+                f"images {gib(self.data)}, the process and its loaded images {gib(self.runtime)})")
 
 
 def trial_memory(config: TrainConfig, shape: InputShape, images: int) -> MemoryEstimate:
@@ -47,7 +46,8 @@ def trial_memory(config: TrainConfig, shape: InputShape, images: int) -> MemoryE
     weights = size.parameters * FLOAT_BYTES * (2 + states)
     training = 2 * size.activations * config.batch_size  # kept for backward, and their gradients
     evaluation = size.activations * min(config.eval_batch_size, images)
-    return MemoryEstimate(weights, (training + evaluation) * FLOAT_BYTES, images * shape.channels * shape.height * shape.width)
+    data = images * shape.channels * shape.height * shape.width
+    return MemoryEstimate(weights, (training + evaluation) * FLOAT_BYTES, data, RUNTIME_BYTES + data)
 
 
 def largest_trial(space: SearchSpace, shape: InputShape, images: int) -> tuple[MemoryEstimate, str]:
