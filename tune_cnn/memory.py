@@ -35,8 +35,9 @@ class MemoryEstimate:
         return self.weights + self.activations + self.data + self.runtime
 
     def describe(self) -> str:
+        process = f", the process and its loaded images {gib(self.runtime)}" if self.runtime else ""
         return (f"about {gib(self.total)} (weights and optimizer {gib(self.weights)}, activations {gib(self.activations)}, "
-                f"images {gib(self.data)}, the process and its loaded images {gib(self.runtime)})")
+                f"images {gib(self.data)}{process})")
 
 
 def trial_memory(config: TrainConfig, shape: InputShape, images: int) -> MemoryEstimate:
