@@ -140,6 +140,18 @@ def test_each_settings_cost_in_time_stands_beside_what_it_buys(tmp_path: Path):
     assert costs.at[("avg", 7), "seconds"] == pytest.approx(6 * 6.0) and costs.at[("max", 3), "val_acc"] == curve("max", 3, EPOCHS)["val_acc"]
 
 
+def test_a_cost_from_one_trial_of_each_value_says_its_timing_noise_is_unmeasured(tmp_path: Path):
+    """One trial per value gives no spread: a trial that ran while the machine was less busy looks cheaper."""
+    experiment = tmp_path / "single"
+    for index, decay in enumerate((0.0, 1.0)):
+        reports = [{**curve("max", 3, e), "epoch_seconds": 12.0 if decay == 0 else 4.0} for e in range(1, EPOCHS + 1)]
+        write_trial(experiment, index, {**seed_params("max", 3), "weight_decay": decay}, reports)
+    sweep = analysis.load(experiment)
+    (line,) = questions.cost_sentences(sweep, analysis.effects(sweep))
+    assert line.startswith("Cost of weight_decay 1 against 0: ") and line.endswith(
+        "epochs 67% faster (4.0 against 12.0 s; too few trials to tell it from timing noise).")
+
+
 def test_without_metadata_or_long_trials_the_questions_say_nothing_they_cannot_answer(tmp_path: Path):
     sweep = analysis.load(write_grid(tmp_path / "plain", metadata={**SEED_METADATA}))
     assert not questions.has_diagnostics(sweep)

@@ -198,7 +198,8 @@ def cost_sentences(sweep: Sweep, effect_table: pd.DataFrame) -> list[str]:
         change = t["difference"] / t["mean_a"]
         unit = " points" if r.metric.endswith("_acc") else ""
         gain = 100 * r.difference if r.metric.endswith("_acc") else r.difference
-        noise = "; within the timing noise of these trials" if t["within_noise"] else ""
+        noise = ("; too few trials to tell it from timing noise" if pd.isna(t["within_noise"])
+                 else "; within the timing noise of these trials" if t["within_noise"] else "")
         lines.append(f"Cost of {r.setting} {value_label(r.value_b)} against {value_label(r.value_a)}: {gain:+.1f}{unit} {r.metric}, epochs "
                      f"{abs(change):.0%} {'slower' if change > 0 else 'faster'} ({t['mean_b']:.1f} against {t['mean_a']:.1f} s{noise}).")
     return lines
