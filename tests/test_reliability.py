@@ -141,7 +141,7 @@ def test_ctrl_c_with_a_trial_still_pending_prints_no_warnings_about_its_missing_
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_optuna_without_rerunning_finished_trials(images: Path, tmp_path: Path):
-    samples, epochs = 4, 6
+    samples, epochs = 4, 12  # 0.2 s epochs: a trial runs long enough past its third for a 1-second state save to see it
     args, experiment = sweep_args(tmp_path, images, f"""
         search: optuna
         samples: {samples}
