@@ -29,6 +29,11 @@ class StorageError(TuneCnnError):
     """The experiment's storage cannot be written (permissions, a full disk, a bucket without access)."""
 
 
+def byte_size(count: int) -> str:
+    """A size in bytes as a message gives it: GiB from one GiB up, MiB below."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to one line, for a one-line error that quotes its cause."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune_cnn.config import InputShape, TrainConfig
-from tune_cnn.errors import ConfigError
+from tune_cnn.errors import ConfigError, byte_size
 from tune_cnn.models import family
 from tune_cnn.space import SearchSpace
 
@@ -35,9 +35,9 @@ class MemoryEstimate:
         return self.weights + self.activations + self.data + self.runtime
 
     def describe(self) -> str:
-        process = f", the process and its loaded images {gib(self.runtime)}" if self.runtime else ""
-        return (f"about {gib(self.total)} (weights and optimizer {gib(self.weights)}, activations {gib(self.activations)}, "
-                f"images {gib(self.data)}{process})")
+        process = f", the process and its loaded images {byte_size(self.runtime)}" if self.runtime else ""
+        return (f"about {byte_size(self.total)} (weights and optimizer {byte_size(self.weights)}, activations {byte_size(self.activations)}, "
+                f"images {byte_size(self.data)}{process})")
 
 
 def trial_memory(config: TrainConfig, shape: InputShape, images: int) -> MemoryEstimate:
@@ -67,8 +67,8 @@ def check_sweep_memory(space: SearchSpace, shape: InputShape, images: int, max_c
     at_once, available = space.trials_at_once(max_concurrent), available_memory()
     what = f"{space.source}: the largest trial" + (f" ({swept})" if swept else "")
     check_fits(estimate, available, what, at_once=at_once)
-    room = f" of {gib(available)} available" if available is not None else ""
-    return f"memory: the largest trial needs {estimate.describe()}; {at_once} at once {gib(estimate.total * at_once)}{room}"
+    room = f" of {byte_size(available)} available" if available is not None else ""
+    return f"memory: the largest trial needs {estimate.describe()}; {at_once} at once {byte_size(estimate.total * at_once)}{room}"
 
 
 def available_memory() -> int | None:
@@ -87,10 +87,6 @@ def check_fits(estimate: MemoryEstimate, available: int | None, what: str, where
     needed = estimate.total * at_once
     if available is None or needed <= available:
         return
-    trials = f"{at_once} trials at once need {gib(needed)}: each {estimate.describe()}" if at_once > 1 else f"needs {estimate.describe()}"
+    trials = f"{at_once} trials at once need {byte_size(needed)}: each {estimate.describe()}" if at_once > 1 else f"needs {estimate.describe()}"
     fewer = "; or fewer trials at once (--max-concurrent, or more CPUs per trial)" if at_once > 1 else ""
-    raise ConfigError(f"{what}: {trials}, and {where} has {gib(available)} available; {FIXES}{fewer}")
-
-
-def gib(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 / 10 else f"{count / 2**20:.0f} MiB"
+    raise ConfigError(f"{what}: {trials}, and {where} has {byte_size(available)} available; {FIXES}{fewer}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from tune_cnn.errors import DataError
+from tune_cnn.errors import DataError, byte_size
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 ARCHIVES_TEXT = "/".join(ARCHIVE_SUFFIXES)
@@ -87,16 +87,12 @@ def _check_size(archive: Path, extracted: int, target: Path) -> None:
     free space (the sizes its headers give; a zip member larger than its header says fails its checksum)."""
     limit = min(MAX_EXTRACTED, MAX_EXPANSION * archive.stat().st_size)
     if extracted > limit:
-        raise DataError(f"{archive} would extract to {_size(extracted)}, over tune_cnn's limit of {_size(limit)} for it ({MAX_EXPANSION}x "
-                        f"the archive's size, at most {_size(MAX_EXTRACTED)}); it may be an archive bomb: unpack it yourself and pass the folder")
+        raise DataError(f"{archive} would extract to {byte_size(extracted)}, over tune_cnn's limit of {byte_size(limit)} for it ({MAX_EXPANSION}x "
+                        f"the archive's size, at most {byte_size(MAX_EXTRACTED)}); it may be an archive bomb: unpack it yourself and pass the folder")
     free = shutil.disk_usage(target).free
     if extracted > free:
-        raise DataError(f"{archive} would extract to {_size(extracted)}, and the cache's disk has {_size(free)} free; "
+        raise DataError(f"{archive} would extract to {byte_size(extracted)}, and the cache's disk has {byte_size(free)} free; "
                         "free some space or set TUNE_CNN_CACHE to a folder on a larger disk")
-
-
-def _size(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _remove_tree(path: Path) -> None:
