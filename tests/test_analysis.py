@@ -10,6 +10,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ from PIL import Image
 from tune_cnn import analysis
 from tune_cnn.analysis import METRICS, AnalysisError
 from tune_cnn.analysis.__main__ import main as analysis_main
-from tune_cnn.experiment import CHECKPOINT_REPORTS
+from tune_cnn.analysis.report import trial_statuses
+from tune_cnn.claim import Claim
+from tune_cnn.experiment import CHECKPOINT_REPORTS, METADATA_FILE, Metadata, Storage
 
 from conftest import synthetic_splits
 
@@ -191,7 +194,7 @@ def test_a_trial_with_only_a_checkpoint_so_far_loads_from_it(tmp_path: Path):
     df = sweep.frame
     assert df[["trial_id", "epoch", "pooling", "conv_width"]].values.tolist() == [["abc12_00000", 1, "avg", 5]]
     assert df["val_acc"].tolist() == [curve("avg", 5, 1)["val_acc"]]
-    assert sweep.context.incomplete == {"abc12_00000": "running", "abc12_00001": "not started"}
+    assert sweep.context.incomplete == {"abc12_00000": "interrupted", "abc12_00001": "not started"}
     (experiment / "tune_cnn.json").write_text(json.dumps(SEED_METADATA))  # swept pooling, conv_width
     for checkpoint in experiment.glob("*/checkpoint_*"):
         shutil.rmtree(checkpoint)
@@ -217,15 +220,30 @@ def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):
     statuses["trainable_abc12_00099_99"] = ("abc12_00099", "PENDING")  # queued: no folder yet
     write_state(experiment, {"old": ("x", "RUNNING")}, stamp="2025-12-31_00-00-00")  # an older session's state
     write_state(experiment, statuses)
+    for driver_runs, unended in ((False, "interrupted"), (True, "running")):
+        with Claim(Storage.open(experiment)).take() if driver_runs else nullcontext():
+            sweep = analysis.load(experiment)
+        df = sweep.frame
+        status = df.groupby("trial_id")["status"].first()
+        expected = {"finished": "finished", "recovered": "finished", "stopped": "stopped early", "errored": "errored",
+                    "running": unended, "retrying": unended}
+        assert {label: status[ids[label]] for label in plans} == expected
+        assert sweep.context.incomplete == {ids["stopped"]: "stopped early", ids["errored"]: "errored", ids["running"]: unended,
+                                          ids["retrying"]: unended, "abc12_00098": "errored", "abc12_00099": "not started"}
+        assert len(df) == sum(reported for reported, _, _ in plans.values())
+
+
+def test_the_report_counts_every_trial_of_the_space_started_or_not(tmp_path: Path):
+    """An interrupted 4-trial grid whose driver died: two trials finished, one was cut short, one never started."""
+    experiment = tmp_path / "interrupted-grid"
+    for index, (pooling, epochs) in enumerate((("max", EPOCHS), ("avg", EPOCHS), ("max", 1))):
+        write_trial(experiment, index, seed_params(pooling, 3), [curve(pooling, 3, e) for e in range(1, epochs + 1)])
+    (experiment / METADATA_FILE).write_text(Metadata(swept=["pooling", "conv_width"], epochs=EPOCHS, trials=4).to_json())
     sweep = analysis.load(experiment)
-    df = sweep.frame
-    status = df.groupby("trial_id")["status"].first()
-    expected = {"finished": "finished", "recovered": "finished", "stopped": "stopped early", "errored": "errored",
-                "running": "running", "retrying": "running"}
-    assert {label: status[ids[label]] for label in plans} == expected
-    assert sweep.context.incomplete == {ids["stopped"]: "stopped early", ids["errored"]: "errored", ids["running"]: "running",
-                                      ids["retrying"]: "running", "abc12_00098": "errored", "abc12_00099": "not started"}
-    assert len(df) == sum(reported for reported, _, _ in plans.values())
+    assert sweep.context.space_trials == 4
+    assert trial_statuses(sweep).to_dict() == {"finished": 2, "interrupted": 1, "not started": 1}
+    analysis_main([str(experiment)])
+    assert "4 trials: 2 finished, 1 interrupted, 1 not started." in (experiment / "analysis" / "report.md").read_text()
 
 
 def test_a_trial_a_killed_driver_never_saved_is_lost_once_the_sweep_resumes(tmp_path: Path):
@@ -235,25 +253,25 @@ def test_a_trial_a_killed_driver_never_saved_is_lost_once_the_sweep_resumes(tmp_
     unsaved, unsaved_id = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)], made="2026-01-01_00-00-09")
     write_state(experiment, {saved.name: (saved_id, "RUNNING")}, stamp="2026-01-01_00-00-00")
     before_the_resume = analysis.load(experiment)
-    assert before_the_resume.context.incomplete == {saved_id: "running", unsaved_id: "running"}
+    assert before_the_resume.context.incomplete == {saved_id: "interrupted", unsaved_id: "interrupted"}
 
     write_state(experiment, {saved.name: (saved_id, "RUNNING")}, stamp="2026-01-01_00-01-00")  # the resumed driver's
     _, new_id = write_trial(experiment, 2, seed_params("avg", 5), [curve("avg", 5, 1)], made="2026-01-01_00-01-00")  # not saved yet
     sweep = analysis.load(experiment)
     df = sweep.frame
     assert df.groupby("trial_id")["epoch"].max().to_dict() == {saved_id: 2, new_id: 1}
-    assert sweep.context.incomplete == {saved_id: "running", new_id: "running", unsaved_id: "lost when its driver was killed, not resumed"}
+    assert sweep.context.incomplete == {saved_id: "interrupted", new_id: "interrupted", unsaved_id: "lost when its driver was killed, not resumed"}
 
 
 def test_without_rays_state_an_error_file_means_errored(tmp_path: Path):
     experiment = tmp_path / "no-state"
     _, errored = write_trial(experiment, 0, seed_params("max", 3), [curve("max", 3, 1)], error=True)
-    folder, running = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)])
+    folder, interrupted = write_trial(experiment, 1, seed_params("avg", 3), [curve("avg", 3, 1)])
     with (folder / "result.json").open("a") as result:
         result.write('{"epoch": 2, "val_')
     sweep = analysis.load(experiment)
     df = sweep.frame
-    assert df.groupby("trial_id")["status"].first().to_dict() == {errored: "errored", running: "running"}
+    assert df.groupby("trial_id")["status"].first().to_dict() == {errored: "errored", interrupted: "interrupted"}
     assert len(df) == 2  # the half-written last line of a killed driver is skipped
 
 
@@ -640,7 +658,7 @@ def test_the_command_line_writes_where_asked_and_warns_about_incomplete_trials(t
     analysis_main([str(experiment), "--by", "pooling", "--epochs", "1", "2", "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert out.strip() == f"analysis: {tmp_path / 'out'}"
-    assert err.startswith("warning: 2 trial(s) incomplete") and "running" in err
+    assert err.startswith("warning: 2 trial(s) incomplete") and "interrupted" in err
     summary = pd.read_csv(tmp_path / "out" / "summary_pooling.csv")
     assert sorted(summary["epoch"].unique()) == [1, 2] and len(summary) == 4
     assert "**Incomplete trials:**" in (tmp_path / "out" / "report.md").read_text()

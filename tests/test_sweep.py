@@ -21,7 +21,7 @@ from tune_cnn.experiment import CHECKPOINT_REPORTS, ExperimentFolder
 from tune_cnn.models import FAMILIES, Family, ModelSize
 from tune_cnn.space import load_space
 
-from conftest import epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, write_space
+from conftest import Sweep, epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, wait_for, write_space
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 QUICK_TRIALS = 4
@@ -200,6 +200,7 @@ def test_storage_under_a_file_is_one_line(images: Path, tmp_path: Path, capsys: 
 
 def test_an_existing_experiment_needs_resume_or_another_name(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     (tmp_path / "results" / "quick").mkdir(parents=True)
+    (tmp_path / "results" / "quick" / "tuner.pkl").write_bytes(b"")  # an empty folder, or one with only a claim, is free
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["quick", "--data", str(images), "--subset", "30", "--storage", str(tmp_path / "results")])
     assert exit_info.value.code == 2
@@ -303,6 +304,30 @@ def test_resume_after_the_driver_is_killed_finishes_without_rerunning(images: Pa
     df = analysis.load(experiment).frame
     assert set(df["status"]) == {"finished"}
     assert epochs_per_trial(df) == [list(range(1, epochs + 1))] * QUICK_TRIALS
+
+
+def test_two_sweeps_of_one_name_started_together_run_it_once_and_a_resume_waits_for_the_driver(images: Path, tmp_path: Path):
+    """Both start at the same moment with the same --name and --storage: one runs the sweep; the other stops with one
+    line naming the driver that holds the experiment, and so does a --resume while that driver runs."""
+    args, experiment = sweep_args(tmp_path, images, """
+        resources: {cpu: 1}
+        fixed: {epochs: 30, padding: same, batch_size: 4}
+        space: {pooling: [max, avg]}
+    """)
+    runs = [Sweep(*args), Sweep(*args)]
+    loser = wait_for(lambda: next((run for run in runs if not run.running()), None))
+    winner = next(run for run in runs if run is not loser)
+    code, output = loser.finish()
+    assert code == 2 and output.count("\n") == 1, output
+    assert output.startswith(f"error: experiment {experiment} is in use by another sweep's driver (pid {winner.process.pid} on "), output
+    wait_for(lambda: (experiment / "tuner.pkl").is_file(), winner)
+    resume = run_cli(*args, "--resume")
+    assert resume.returncode == 2 and resume.stderr.startswith(f"error: experiment {experiment} is in use by another sweep's driver"), resume.stderr
+    code, output = winner.finish()
+    assert code == 0, output[-3000:]
+    df = analysis.load(experiment).frame
+    assert df.groupby("trial_id")["pooling"].first().sort_values().tolist() == ["avg", "max"]  # each configuration once
+    assert epochs_per_trial(df) == [list(range(1, 31))] * 2
 
 
 def test_the_progress_line_counts_trials_and_epochs_and_paces_what_is_left():

@@ -3,6 +3,7 @@ file://), and the one place that knows their names and formats.
 
     STORAGE/NAME/
         tune_cnn.json                  Metadata: the sweep as tune_cnn ran it, and the folder's format version
+        driver.json                    the claim of the driver that runs the sweep now (tune_cnn.claim)
         tuner.pkl                      Ray Tune's Tuner, which a resume restores
         experiment_state-<start>.json  Ray Tune's saved state, one per driver session, named by the session's start
         <trial>_<made>/                a folder per trial, named by Ray, ending in the time the trial was made
@@ -31,6 +32,7 @@ from tune_cnn.errors import ConfigError, StorageError, check_folder_can_be_made,
 
 FORMAT_VERSION = 2
 METADATA_FILE = "tune_cnn.json"
+CLAIM_FILE = "driver.json"
 CHECKPOINT_REPORTS = "reports.json"
 PARAMS_FILE, RESULT_FILE, PROGRESS_FILE, TUNER_FILE = "params.json", "result.json", "progress.csv", "tuner.pkl"
 ERROR_FILES = ("error.txt", "error.pkl")
@@ -170,6 +172,7 @@ class Metadata:
     data: str | None = None
     subset: int | None = None
     samples: int | None = None
+    trials: int | None = None  # the space's trials, grid or drawn: what the analysis counts, started or not
     sweep_seed: int | None = None
     format: int = FORMAT_VERSION
 
@@ -284,13 +287,13 @@ class ExperimentFolder:
                        or any(sub.startswith("checkpoint_") for sub in self.storage.listing(name)[1])]
 
     def holds_a_sweep(self) -> bool:
-        """True where the folder exists and holds more than this tool's metadata (Ctrl-C before Tune's first save
-        leaves only that: a new run may take the name again, and --resume has nothing to resume)."""
+        """True where the folder exists and holds more than this tool's metadata and a driver's claim (Ctrl-C before
+        Tune's first save leaves only those: a new run may take the name again, and --resume has nothing to resume)."""
         with self.storage.reaching():
             if self.storage.kind() == "missing":
                 return False
             files, folders = self.storage.listing()
-            return files + folders != [METADATA_FILE]
+            return bool(set(files + folders) - {METADATA_FILE, CLAIM_FILE})
 
     def can_resume(self) -> bool:
         """Ray Tune's saved Tuner is there to restore the sweep from (what Tuner.can_restore looks for)."""

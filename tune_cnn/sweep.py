@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tune_cnn.claim import Claim
 from tune_cnn.cluster import ray_session, trial_resources, warn_if_storage_is_not_shared
 from tune_cnn.config import TrainConfig, from_environment
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
@@ -165,17 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         if exists:
             print(f"notice: experiment {experiment.location} already exists; the run needs --resume to continue it, or another --name")
         return 0
-    experiment.check_start(resume=args.resume, metadata=metadata)
-    print(data.describe(), flush=True)
-    from tune_cnn.analysis.plots import plot_workers  # not before: a bad input's one line comes without pandas
+    if args.resume:  # before the claim, which would make the folder of an experiment that is not there
+        experiment.check_start(resume=True, metadata=metadata)
+    with Claim(experiment.storage).take() as claim:  # one driver per experiment: a second sweep or resume stops here
+        experiment.check_start(resume=args.resume, metadata=metadata)
+        print(data.describe(), flush=True)
+        from tune_cnn.analysis.plots import plot_workers  # not before: a bad input's one line comes without pandas
 
-    # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
-    # One by each swept setting, by epoch, the learning curves, the effects, right and wrong answers, reliability, cost.
-    plots = len(space.swept) + 6
-    with ray_session(args.address), plot_workers(plots) as plotters:
-        results = run_sweep(space, data, experiment, metadata, args)
-        experiment.check_writable()  # trials that could not save have errored; say why, once
-        return report_results(results, space, experiment, plotters)
+        # The results and the analysis come before Ray's shutdown, which waits 1-1.5 s for its processes to exit.
+        # One by each swept setting, by epoch, the learning curves, the effects, right and wrong answers, reliability, cost.
+        plots = len(space.swept) + 6
+        with ray_session(args.address), plot_workers(plots) as plotters:
+            results = run_sweep(space, data, experiment, metadata, args)
+            claim.release()  # no trial runs now: the analysis reads an interrupted sweep's trials as interrupted
+            experiment.check_writable()  # trials that could not save have errored; say why, once
+            return report_results(results, space, experiment, plotters)
 
 
 def sweep_metadata(space: SearchSpace, data: DataSplits) -> Metadata:
@@ -185,7 +190,7 @@ def sweep_metadata(space: SearchSpace, data: DataSplits) -> Metadata:
         space=space.name, space_path=str(space.source), space_yaml=space.text, search=space.search, metric=space.metric,
         mode=space.mode, swept=space.swept, sampled=[name for name, values in space.space.items() if isinstance(values, Distribution)],
         fixed=json.loads(json.dumps(space.fixed)), checkpoint_epochs=space.checkpoint_epochs, epochs=space.epochs,
-        data=comparable_data(data.source), subset=space.subset, samples=space.samples, sweep_seed=space.seed,
+        data=comparable_data(data.source), subset=space.subset, samples=space.samples, trials=space.trial_count, sweep_seed=space.seed,
     )
 
 

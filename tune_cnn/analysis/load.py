@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tune_cnn.claim import is_held
 from tune_cnn.config import TrainConfig
 from tune_cnn.errors import TuneCnnError
 from tune_cnn.experiment import CALIBRATION, METADATA_FILE, METRICS, ExperimentFolder, Metadata, Report, SavedState, Storage, is_state_file, made_at
 
-FINISHED, STOPPED, ERRORED, RUNNING = "finished", "stopped early", "errored", "running"
+FINISHED, STOPPED, ERRORED, RUNNING, INTERRUPTED = "finished", "stopped early", "errored", "running", "interrupted"
+NOT_STARTED = "not started"
 UNREADABLE = "settings unreadable"  # params.json and every checkpoint's copy cut short: left out of the rows
 LOST = "lost when its driver was killed, not resumed"  # see _is_lost: left out of the rows
 NOT_SETTINGS = ("trial_id", "status", "epoch", "trial_seed", *METRICS)  # the columns that are not a trial's settings
@@ -39,6 +41,7 @@ class ExperimentContext:
     metric: str = "val_acc"
     mode: str = "max"
     incomplete: dict[str, str] = field(default_factory=dict)  # trial id -> status, for every trial that did not finish
+    space_trials: int | None = None  # the trials of the sweep's space (tune_cnn.json), started or not
     metadata: Metadata | None = None  # tune_cnn.json, where the folder has one
 
     @property
@@ -99,13 +102,14 @@ def load(path: str | Path) -> Sweep:
     with folder.storage.reaching():
         files, trial_folders = _experiment_listing(folder)
         state = folder.saved_state(files)
-        records = {name: _read_trial(folder, name, state.trials.get(name)) for name in trial_folders}
+        driver_runs = is_held(folder.storage)
+        records = {name: _read_trial(folder, name, state.trials.get(name), driver_runs) for name in trial_folders}
         metadata = folder.metadata() if METADATA_FILE in files else None
     lost = {name for name in trial_folders if _is_lost(name, state)}
     trials = [t for name, t in records.items() if t is not None and name not in lost]
     frame = _tidy_frame(trials)
     # Ray knows trials that never wrote params.json: queued ones, and ones whose worker failed to start.
-    unstarted = {trial_id: ERRORED if status == "ERROR" else "not started"
+    unstarted = {trial_id: ERRORED if status == "ERROR" else NOT_STARTED
                  for name, (trial_id, status) in state.trials.items() if name not in trial_folders}
     unreadable = {state.trials.get(name, (name,))[0]: UNREADABLE for name, record in records.items() if record is None and name not in lost}
     lost_ids = {(records[name].trial_id if records[name] else name): LOST for name in sorted(lost)}
@@ -117,6 +121,7 @@ def load(path: str | Path) -> Sweep:
         mode=metadata.mode if metadata else "max",
         incomplete={**{t.trial_id: t.status for t in trials if t.status != FINISHED}, **unstarted, **unreadable, **lost_ids},
         metadata=metadata,
+        space_trials=metadata.trials if metadata else None,
     )
     return Sweep(frame, context, _calibration_frame(trials))
 
@@ -146,18 +151,19 @@ def _is_lost(folder: str, state: SavedState) -> bool:
     return bool(state.session and made and folder not in state.trials and made < state.session)
 
 
-def _read_trial(folder: ExperimentFolder, name: str, state: tuple[str, str] | None) -> TrialRecord | None:
+def _read_trial(folder: ExperimentFolder, name: str, state: tuple[str, str] | None, driver_runs: bool) -> TrialRecord | None:
     files = folder.trial(name)
     if files.params is None:
         return None
     trial_id = state[0] if state else next((r["trial_id"] for r in files.reports if "trial_id" in r), name)
     settings = _settings(files.params, files.reports)
-    status = _status(files.reports, settings["epochs"], state[1] if state else None, files.has_error_file)
+    status = _status(files.reports, settings["epochs"], state[1] if state else None, files.has_error_file, driver_runs)
     return TrialRecord(trial_id, settings, files.reports, status)
 
 
-def _status(reports: list[Report], epochs: int, state: str | None, has_error_file: bool) -> str:
-    """finished / stopped early / errored / running, from Ray's state where it has one, else from the files.
+def _status(reports: list[Report], epochs: int, state: str | None, has_error_file: bool, driver_runs: bool) -> str:
+    """finished / stopped early / errored / running / interrupted, from Ray's state where it has one, else from the
+    files; a trial that has not ended runs only while a driver holds the experiment (tune_cnn.claim).
 
     A trial that failed and then recovered keeps its error.txt, so the file alone means errored only
     where Ray's state does not say otherwise.
@@ -171,7 +177,7 @@ def _status(reports: list[Report], epochs: int, state: str | None, has_error_fil
         return STOPPED
     if state is None and has_error_file:
         return ERRORED
-    return RUNNING
+    return RUNNING if driver_runs else INTERRUPTED
 
 
 def _settings(params: dict[str, Any], reports: list[Report]) -> dict[str, Any]:

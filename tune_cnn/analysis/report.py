@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from tune_cnn.analysis.load import Sweep, load
+from tune_cnn.analysis.load import NOT_STARTED, Sweep, load
 from tune_cnn.analysis.plots import (
     Drawings,
     count,
@@ -179,10 +179,20 @@ def _learner_lines(sweep: Sweep, effect_table: pd.DataFrame, diagnosis: pd.DataF
     return ["## The seed's findings, checked", "", *[f"- {line}" for line in lines], ""] if lines else []
 
 
+def trial_statuses(sweep: Sweep) -> pd.Series:
+    """How many trials of the sweep are in each status, every trial of its space counted: those with rows, those
+    without (queued, unreadable, lost) and those Ray never made before the sweep was interrupted."""
+    ctx = sweep.context
+    with_rows = sweep.frame.groupby("trial_id")["status"].first()
+    without_rows = [status for trial, status in ctx.incomplete.items() if trial not in with_rows.index]
+    never_made = max(0, (ctx.space_trials or 0) - len(with_rows) - len(without_rows))
+    return pd.Series([*with_rows, *without_rows, *[NOT_STARTED] * never_made], dtype=object).value_counts()
+
+
 def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_table: pd.DataFrame,
                     importance_table: pd.DataFrame, diagnosis: pd.DataFrame, plots: dict[str, str]) -> str:
     ctx, df = sweep.context, sweep.frame
-    statuses = df.groupby("trial_id")["status"].first().value_counts()
+    statuses = trial_statuses(sweep)
     counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
     seeds = ", ".join(map(value_label, sorted(df["seed"].unique()))) if "seed" in ctx.swept else ""
     replicates = f"; seed ({seeds}) repeats each combination: its spread is the trial-to-trial noise, not an effect" if seeds else ""
@@ -190,7 +200,7 @@ def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_tab
     lines = [
         f"# Analysis of {Path(ctx.experiment).name}",
         "",
-        f"Experiment: `{Path(ctx.experiment).name}`. {count(df['trial_id'].nunique(), 'trial')}: {counts}."
+        f"Experiment: `{Path(ctx.experiment).name}`. {count(int(statuses.sum()), 'trial')}: {counts}."
         + (f" Search: {search}." if search else "")
         + f" Swept: {', '.join(ctx.factors) or 'nothing'}{replicates}. Snapshot epochs: {', '.join(map(str, ctx.snapshot_epochs))}.",
     ]
