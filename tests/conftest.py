@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,53 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def decode_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoded data sets go to the test session's temporary folder, not the user's cache."""
     monkeypatch.setenv("TUNE_CNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server (moto's, in its own process) on a free port, with the credentials it takes in this
+    process's environment, which the commands under test inherit; yields its endpoint, host:port."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        wait_for(lambda: _answers(client), timeout=60)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _answers(client: Any) -> bool:
+    """the S3 server answers"""
+    try:
+        client.list_buckets()
+    except Exception:  # noqa: BLE001 - not up yet: connection refused, or the server's first errors
+        return False
+    return True
+
+
+def s3_bucket(endpoint: str, name: str) -> str:
+    """A new bucket on the test S3 server; the URI options that reach it (what a user passes for such a server)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://{endpoint}").create_bucket(Bucket=name)
+    return f"endpoint_override={endpoint}&scheme=http"
 
 
 @pytest.fixture(scope="session")

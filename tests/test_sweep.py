@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from tune_cnn import analysis, sweep
+from tune_cnn.analysis.__main__ import main as analysis_main
 from tune_cnn.errors import ConfigError
-from tune_cnn.experiment import CHECKPOINT_REPORTS, ExperimentFolder
+from tune_cnn.experiment import CHECKPOINT_REPORTS, CLAIM_FILE, ExperimentFolder, Storage
 from tune_cnn.models import FAMILIES, Family, ModelSize
 from tune_cnn.space import load_space
 
-from conftest import Sweep, epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, sweep_args, wait_for, write_space
+from conftest import Sweep, epochs_per_trial, kill_driver_then_resume, make_image_folder, reports, s3_bucket, sweep_args, wait_for, write_space
 
 pytestmark = pytest.mark.usefixtures("decode_cache")
 QUICK_TRIALS = 4
@@ -196,6 +197,30 @@ def test_storage_under_a_file_is_one_line(images: Path, tmp_path: Path, capsys: 
     assert stop.value.code == 2 and capsys.readouterr().err == (
         f"error: --storage {tmp_path / 'notes.txt' / 'results'}: {tmp_path / 'notes.txt'} is a file; "
         f"pass a folder for the experiments (it is made if missing)\n")
+
+
+def test_an_s3_uri_with_options_serves_the_sweep_and_the_analysis_alike(images: Path, tmp_path: Path, s3_server: str):
+    """s3://BUCKET/PATH?endpoint_override=...&scheme=http, as a user gives a server of their own: the experiment's folder
+    and the analysis's go before the options, and the claim is gone once the sweep ends."""
+    options = s3_bucket(s3_server, "sweeps")
+    run = run_cli("quick", "--data", str(images), "--subset", "30", "--epochs", "1", "--storage", f"s3://sweeps/experiments?{options}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    experiment = f"s3://sweeps/experiments/quick?{options}"
+    assert f"experiment: {experiment}\n" in run.stdout and f"analysis: s3://sweeps/experiments/quick/analysis?{options}\n" in run.stdout
+    loaded = analysis.load(experiment)
+    assert loaded.frame["trial_id"].nunique() == QUICK_TRIALS and set(loaded.frame["status"]) == {"finished"}
+    analysis_main([experiment, "--out", str(tmp_path / "analysis")])
+    assert (tmp_path / "analysis" / "report.md").read_text().startswith("# Analysis of quick\n")
+    assert Storage.open(experiment).kind(CLAIM_FILE) == "missing"
+
+
+def test_a_missing_bucket_is_one_line_saying_to_create_it(images: Path, s3_server: str, capsys: pytest.CaptureFixture):
+    storage = f"s3://no-such-bucket/experiments?endpoint_override={s3_server}&scheme=http"
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["quick", "--data", str(images), "--subset", "30", "--storage", storage])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        f"error: the experiment folder s3://no-such-bucket/experiments/quick?endpoint_override={s3_server}&scheme=http: the bucket "
+        f"no-such-bucket does not exist; create it (for example with `aws s3 mb`), or correct the bucket in --storage\n")
 
 
 def test_an_existing_experiment_needs_resume_or_another_name(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

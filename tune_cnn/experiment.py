@@ -78,7 +78,8 @@ class Storage:
         if "://" not in text:
             local = Path(text).expanduser().resolve()
             return cls(pyarrow.fs.LocalFileSystem(), local.as_posix(), str(local), label or str(local), option)
-        text = text.rstrip("/")
+        path, options = split_options(text)
+        text = path + options
         try:
             fs, root = pyarrow.fs.FileSystem.from_uri(text)
         except pyarrow.ArrowInvalid as error:  # a scheme pyarrow has no file system for, or a malformed URI
@@ -93,7 +94,17 @@ class Storage:
         return "://" in self.location
 
     def child(self, name: str, label: str | None = None) -> Storage:
-        return Storage(self.fs, posixpath.join(self.root, name), f"{self.location}/{name}", label or f"{self.location}/{name}", self.option)
+        """The folder `name` inside this one; a URI keeps its options (s3://b/p?endpoint_override=... gives s3://b/p/name?...)."""
+        location = join_location(self.location, name)
+        return Storage(self.fs, posixpath.join(self.root, name), location, label or location, self.option)
+
+    @property
+    def parent_and_name(self) -> tuple[str, str]:
+        """The location of the folder this one is in (with a URI's options) and this folder's name, as Ray Tune's
+        storage_path and name."""
+        path, query = split_options(self.location)
+        parent, name = path.rsplit("/", 1)
+        return parent + query, name
 
     @contextmanager
     def reaching(self) -> Iterator[None]:
@@ -144,9 +155,41 @@ class Storage:
         return posixpath.join(self.root, relative) if relative else self.root
 
 
+def experiment_name(location: str) -> str:
+    """The experiment's name in its location: the last folder, without a URI's options."""
+    return split_options(location)[0].rsplit("/", 1)[-1]
+
+
+def join_location(location: str, name: str) -> str:
+    """The location of the folder `name` inside `location`, before a URI's options."""
+    path, options = split_options(location)
+    return f"{path}/{name}{options}"
+
+
+def split_options(location: str) -> tuple[str, str]:
+    """A location and the options a URI ends with ("?endpoint_override=...&scheme=http"), or "" where it has none."""
+    path, mark, options = location.partition("?")
+    return path.rstrip("/"), mark + options
+
+
 def _unreachable(label: str, option: str, error: OSError) -> StorageError:
-    """Cloud storage that does not answer (no such bucket, no network) or refuses these credentials."""
-    return StorageError(f"cannot reach {label} ({first_line(error)}); check {option}, the network and the credentials")
+    """Cloud storage that does not answer (no network), lacks its bucket or refuses these credentials."""
+    return missing_bucket(label, option, error) or StorageError(
+        f"cannot reach {label} ({first_line(error)}); check {option}, the network and the credentials")
+
+
+MISSING_BUCKET = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|[Bb]ucket '[^']*' not found|bucket does not exist")
+BUCKET_NAMED = re.compile(r"[Bb]ucket '([^']+)'")
+
+
+def missing_bucket(label: str, option: str, error: OSError) -> StorageError | None:
+    """The one error for a bucket that does not exist, however pyarrow's S3 and GCS clients word it; None for others.
+    pyarrow's own advice (its allow_bucket_creation option) is not the user's to take, so it is not quoted."""
+    if not MISSING_BUCKET.search(str(error)):
+        return None
+    named = BUCKET_NAMED.search(str(error))
+    bucket = f"the bucket {named.group(1)}" if named else "its bucket"
+    return StorageError(f"{label}: {bucket} does not exist; create it (for example with `aws s3 mb`), or correct the bucket in {option}")
 
 
 # --- The sweep's own record --------------------------------------------------------------------------------
@@ -257,10 +300,10 @@ class ExperimentFolder:
             raise ConfigError("--storage is empty; pass a folder for the experiments or a URI such as s3://bucket/path")
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ConfigError(f"--name '{name}' is not a folder name; name the experiment only and choose its place with --storage")
-        root = storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
+        root = storage if "://" in storage else str(Path(storage).expanduser().resolve())
         if "://" not in storage:
             check_folder_can_be_made(Path(root), f"--storage {storage}", "pass a folder for the experiments (it is made if missing)")
-        label = f"the experiment folder {root}/{name}"
+        label = f"the experiment folder {join_location(root, name)}"
         return cls(Storage.open(root, label=label, option="--storage").child(name, label=label))
 
     def check_start(self, resume: bool, metadata: Metadata) -> None:
@@ -278,6 +321,7 @@ class ExperimentFolder:
     @property
     def location(self) -> str:
         return self.storage.location
+
 
     def top_level(self) -> tuple[list[str], list[str]]:
         """The folder's files and its trial folders: those with params.json, or only a checkpoint so far (a driver
@@ -321,8 +365,9 @@ class ExperimentFolder:
             yield
         except OSError as error:
             kept = "; what was saved before is kept, continue with --resume once it is fixed" if started else ""
-            raise StorageError(f"cannot write to the experiment folder {self.location} ({error.strerror or error}); free space or "
-                               f"fix its permissions{kept}") from None
+            label = f"the experiment folder {self.location}"
+            raise missing_bucket(label, self.storage.option, error) or StorageError(
+                f"cannot write to {label} ({error.strerror or error}); free space or fix its permissions{kept}") from None
 
     def saved_state(self, files: list[str]) -> SavedState:
         """The newest experiment_state-*.json among `files` (their names end in a sortable time); empty where there

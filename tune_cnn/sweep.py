@@ -276,7 +276,7 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: ExperimentFolde
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on stderr
         search_alg = OptunaSearch(seed=space.seed)
-    storage, name = experiment.location.rsplit("/", 1)
+    storage, name = experiment.storage.parent_and_name
     reporter = with_progress(CLIReporter, Plan.of(space))(
         parameter_columns=space.swept, metric_columns=list(PROGRESS_METRICS), max_report_frequency=10, sort_by_metric=True,
     )
@@ -335,7 +335,7 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(not_tunes_restore_advice)
     resources = trial_resources(space)
-    warn_if_storage_is_not_shared(experiment.location.rsplit("/", 1)[0])
+    warn_if_storage_is_not_shared(experiment.storage.parent_and_name[0])
     if args.resume:
         restored = make_trainable(space, data, resources)
         tuner = Tuner.restore(experiment.location, trainable=restored, resume_unfinished=True, resume_errored=True)

@@ -38,7 +38,7 @@ from tune_cnn.analysis.questions import (
 )
 from tune_cnn.analysis.stats import OVERFIT_RISE, check_settings, diagnose, effects, importance, select_rows, snapshot_epochs, summarize
 from tune_cnn.errors import StorageError
-from tune_cnn.experiment import ANALYSIS_FOLDER, Storage
+from tune_cnn.experiment import ANALYSIS_FOLDER, Storage, experiment_name
 
 BEST_ROWS = 5
 # Every file an analysis writes; a rerun into the same folder removes those it does not write again.
@@ -198,9 +198,9 @@ def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_tab
     replicates = f"; seed ({seeds}) repeats each combination: its spread is the trial-to-trial noise, not an effect" if seeds else ""
     search = ctx.metadata.search if ctx.metadata else None
     lines = [
-        f"# Analysis of {Path(ctx.experiment).name}",
+        f"# Analysis of {experiment_name(ctx.experiment)}",
         "",
-        f"Experiment: `{Path(ctx.experiment).name}`. {count(int(statuses.sum()), 'trial')}: {counts}."
+        f"Experiment: `{experiment_name(ctx.experiment)}`. {count(int(statuses.sum()), 'trial')}: {counts}."
         + (f" Search: {search}." if search else "")
         + f" Swept: {', '.join(ctx.factors) or 'nothing'}{replicates}. Snapshot epochs: {', '.join(map(str, ctx.snapshot_epochs))}.",
     ]
@@ -244,7 +244,8 @@ def write_analysis(experiment: str | Path, out: str | Path | None = None, by: li
 def analyse_into(sweep: Sweep, out: str | Path | None = None, by: list[str] | None = None,
                  at_epochs: list[int] | None = None, plotters: Executor | None = None) -> Path | str:
     """write_analysis for a sweep already loaded."""
-    target = Storage.open(out if out is not None else f"{sweep.context.experiment}/{ANALYSIS_FOLDER}")  # fails here, before any work
+    # Fails here, before any work.
+    target = Storage.open(out) if out is not None else Storage.open(sweep.context.experiment).child(ANALYSIS_FOLDER)
     try:
         if not target.is_uri:
             _remove_stale(target, _write_files(sweep, Path(target.root), by, at_epochs, plotters))
