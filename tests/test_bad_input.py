@@ -105,6 +105,12 @@ def garbage_archive(tmp: Path) -> str:
     return str(tmp / "data.tar.gz")
 
 
+def link_loop(tmp: Path) -> str:
+    (tmp / "loop1").symlink_to("loop2")
+    (tmp / "loop2").symlink_to("loop1")
+    return str(tmp / "loop1")
+
+
 def not_an_experiment(tmp: Path) -> str:
     folder = tmp / "photos"
     folder.mkdir()
@@ -191,6 +197,11 @@ CASES: dict[str, Case] = {
     "a space file with comments only": ("sweep", lambda t, i: [space_file(t, "# space: {pooling: [max]}\n"), "--data", str(i)],
                                         "holds no settings (empty, or comments only)"),
     "an empty --data": ("train", lambda t, i: ["--data", ""], "--data is empty; pass cifar10, a folder or an archive"),
+    "a data link that leads nowhere": ("train", lambda t, i: ["--data", link_loop(t)], "is a link to loop2, which leads nowhere"),
+    "epochs beyond any real run": ("train", lambda t, i: ["--data", str(i), "--set", "epochs=100000000"],
+                                   "epochs 100000000 is out of range; use an integer from 1 to 10,000"),
+    "no filters": ("train", lambda t, i: ["--data", str(i), "--set", "filters=[]"], "filters [] is not allowed; use one or more positive integers"),
+    "no dense units": ("train", lambda t, i: ["--data", str(i), "--set", "dense_units=0"], "dense_units 0 is out of range"),
     "a GPU asked for before the data loads": ("train", lambda t, i: ["--data", str(t / "nowhere"), "--set", "device=cuda"], "has no CUDA GPU"),
     "--set with nothing after it": ("train", lambda t, i: ["--data", str(i), "--set"], "argument --set: expected at least one argument"),
     "resume from a missing checkpoint": ("train", lambda t, i: ["--data", str(i), "--resume", str(t / "nowhere")], "checkpoint"),
@@ -213,6 +224,7 @@ CASES: dict[str, Case] = {
     ),
     "analysis of a folder that is not an experiment": ("analysis", lambda t, i: [not_an_experiment(t)], "photos"),
     "analysis of a path that does not exist": ("analysis", lambda t, i: [str(t / "nowhere")], "does not exist"),
+    "analysis of an empty path": ("analysis", lambda t, i: [""], "the experiment path is empty"),
     # Mistyped options (argparse's own errors)
     "unknown option": ("sweep", lambda t, i: ["quick", "--data", str(i), "--verbose"],
                        "unrecognized arguments: --verbose; see python -m tune_cnn.sweep --help"),

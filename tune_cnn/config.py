@@ -26,6 +26,7 @@ Padding = Literal["valid", "same"]
 Schedule = Literal["constant", "cosine"]  # the learning rate over the epochs: optim.scheduled_lr
 SCHEDULES = get_args(Schedule)
 Pooling = Literal["max", "avg"]
+MAX_EPOCHS = 10_000  # 100 times the longest shipped space's epochs, and days of the seed model on a GPU
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds 0 .. 2**32 - 1
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -75,8 +76,10 @@ class ModelConfig:
             raise ConfigError(f"pooling '{self.pooling}' is unknown; use 'max' or 'avg'")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout {self.dropout} is out of range; use 0 <= dropout < 1")
-        if not self.filters or any(f < 1 for f in self.filters) or self.dense_units < 1:
-            raise ConfigError("filters and dense_units must be positive integers")
+        if not self.filters or any(f < 1 for f in self.filters):
+            raise ConfigError(f"filters {list(self.filters)} is not allowed; use one or more positive integers, such as [32, 64, 64]")
+        if self.dense_units < 1:
+            raise ConfigError(f"dense_units {self.dense_units} is out of range; use an integer >= 1")
 
     def check_fits(self, shape: InputShape) -> None:
         """A ConfigError where this model cannot take images of `shape` (a feature map shrunk below 1x1)."""
@@ -118,7 +121,7 @@ class TrainConfig:
             (0 <= self.weight_decay < math.inf, f"weight_decay {self.weight_decay} is out of range; use a finite value >= 0"),
             (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
             (self.batch_size >= 2 or not self.model.batch_norm, "batch_norm needs batch_size 2 or more; batch norm cannot train on one image"),
-            (self.epochs >= 1, f"epochs {self.epochs} is out of range; use an integer >= 1"),
+            (1 <= self.epochs <= MAX_EPOCHS, f"epochs {self.epochs} is out of range; use an integer from 1 to {MAX_EPOCHS:,}"),
             (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every} is out of range; use an integer >= 1"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} is out of range; use an integer from 0 to {MAX_SEED}"),
             (DEVICE.fullmatch(self.device) is not None, f"device '{self.device}' is unknown; use auto, cpu, cuda or cuda:N"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tune_cnn.analysis.load import load
+from tune_cnn.analysis.load import AnalysisError, load
 from tune_cnn.analysis.report import analyse_into
 from tune_cnn.errors import CommandParser, exit_on_user_error
 
@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.experiment.strip():
+        raise AnalysisError("the experiment path is empty; pass an experiment folder (STORAGE/NAME), such as ./tune_results/seed")
     sweep = load(args.experiment)
     folder = analyse_into(sweep, args.out, args.by, args.epochs)
     incomplete = sweep.context.incomplete

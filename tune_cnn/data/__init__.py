@@ -7,6 +7,7 @@ taken from the training split. Each source is read by a module of its own: cifar
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def load_raw(source: str, cache_dir: Path) -> RawData:
     if source == "cifar10":
         return read_cifar_batches(download_cifar10(cache_folder(cache_dir, "cifar10")))
     path = Path(source).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"data path {path} is a link to {os.readlink(path)}, which leads nowhere (missing, or a loop of links); "
+                        f"point the link, or --data, at the data")
     if not path.exists():
         raise DataError(f"data path {path} does not exist; {CIFAR_URL_HINT}, or use --data cifar10")
     if not path.is_file():
