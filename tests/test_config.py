@@ -56,7 +56,7 @@ def test_flat_round_trips():
         ({"dropout": 1.5}, "0 <= dropout < 1"),
         ({"pooling": "min"}, "'max' or 'avg'"),
         ({"padding": "full"}, "'valid' or 'same'"),
-        ({"model": "resnet9000"}, "choose one of: seed_cnn"),
+        ({"model": "resnet9000"}, "choose one of: fast_resnet, seed_cnn"),
     ],
 )
 def test_invalid_settings_are_rejected(settings, words):

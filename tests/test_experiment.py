@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from tune_cnn import analysis
+from tune_cnn.config import SETTINGS, TrainConfig
 from tune_cnn.errors import StorageError
 from tune_cnn.experiment import DIAGNOSTICS, FORMAT_VERSION, METADATA_FILE, ExperimentFolder, Metadata, Storage
 
@@ -26,10 +27,13 @@ def test_a_folder_written_before_the_format_version_loads_with_the_same_datafram
     sweep = analysis.load(format_1)
     before = pd.read_parquet(format_1 / "analysis" / "results.parquet")  # what that code's analysis loaded
     pd.testing.assert_frame_equal(sweep.frame[before.columns], before)
-    added = [c for c in sweep.frame.columns if c not in before.columns]  # a setting and the metrics that code did not have yet
+    added = [c for c in sweep.frame.columns if c not in before.columns]  # settings and metrics that code did not have yet
     diagnostics = [f"{split}_{name}" for split in ("val", "test") for name in DIAGNOSTICS]
-    assert added == ["schedule", *diagnostics] and sweep.frame[diagnostics].isna().all().all()
-    assert (sweep.frame["schedule"] == "constant").all()  # the setting's default: how that code trained
+    settings = added[: len(added) - len(diagnostics)]
+    assert added == [*settings, *diagnostics] and sweep.frame[diagnostics].isna().all().all()
+    assert "schedule" in settings and set(settings) <= set(SETTINGS)
+    defaults = TrainConfig().flat()  # each new setting at its default: how that code trained
+    assert all((sweep.frame[name].map(lambda value, name=name: value == defaults[name])).all() for name in settings)
     context = sweep.context
     assert (context.swept, context.snapshot_epochs, context.metric, context.mode, context.incomplete) == (
         ["pooling", "conv_width"], [2, 3], "val_acc", "max", {})  # as that code's DataFrame.attrs held them

@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 import torch
@@ -108,3 +109,62 @@ def test_the_seed_familys_size_counts_the_built_models_parameters_and_layer_outp
     for hook in hooks:
         hook.remove()
     assert 2 * size.activations == sum(outputs)
+
+
+FAST_SHAPES = [CIFAR, InputShape(channels=1, height=28, width=28, classes=10), InputShape(channels=3, height=40, width=24, classes=7)]
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+@pytest.mark.parametrize("settings", [{"width_multiplier": 0.125}, {"widths": (8, 16), "pooling": "avg"}, {"widths": (6, 12, 12, 12)}])
+def test_fast_resnet_builds_for_any_channels_size_and_classes_and_its_size_counts_it(shape, settings):
+    config = ModelConfig(model="fast_resnet", **settings)
+    model = build_model(config, shape)
+    size = family("fast_resnet").size(config, shape)
+    assert size.parameters == count_parameters(model)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel())) for m in model
+             if type(m).__name__ not in ("Flatten", "Scale")]  # a view, and a product nobody's backward keeps
+    x = torch.rand(2, shape.channels, shape.height, shape.width)
+    logits = model.train()(x)
+    for hook in hooks:
+        hook.remove()
+    assert logits.shape == (2, shape.classes) and 2 * size.activations == sum(outputs)
+    logits.logsumexp(1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_fast_resnet_widths_scale_with_the_multiplier():
+    model = build_model(ModelConfig(model="fast_resnet", width_multiplier=0.25), CIFAR)
+    convs = [m.out_channels for m in model if isinstance(m, nn.Conv2d)]
+    assert convs == [24, 16, 16, 64, 64, 64, 64]  # the stem's 8 per image channel, then 64, 256, 256 quartered, two per group
+
+
+def test_fast_resnet_convolutions_start_by_passing_their_inputs_through():
+    """Each convolution's first filters are Dirac kernels, one per input channel: at initialisation those output
+    channels equal the input's (with padding 1, at every pixel); a widening convolution's other filters are random."""
+    model = build_model(ModelConfig(model="fast_resnet", widths=(16, 32)), CIFAR)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        x = torch.randn(1, conv.in_channels, 8, 8)
+        passed = min(conv.in_channels, conv.out_channels)
+        assert torch.equal(conv(x)[:, :passed], x[:, :passed])
+    widening = [conv for conv in convs if conv.out_channels > conv.in_channels]
+    assert len(widening) == 2 and all(conv.weight[conv.in_channels:].std() > 0.01 for conv in widening)
+
+
+def test_fast_resnet_refuses_images_its_groups_would_shrink_below_1x1():
+    message = r"fast_resnet's 3 groups halve a 6x6 image 3 times, below 1x1; use fewer widths \(groups\) or images of at least 8x8"
+    with pytest.raises(ConfigError, match=message):
+        build_model(ModelConfig(model="fast_resnet"), InputShape(channels=3, height=6, width=6, classes=2))
+
+
+@pytest.mark.parametrize("model, settings, message", [
+    ("fast_resnet", {"dropout": 0.3}, "dropout does not apply to model 'fast_resnet', which reads widths, width_multiplier, pooling; leave dropout out"),
+    ("fast_resnet", {"batch_norm": True}, "batch_norm does not apply to model 'fast_resnet'"),
+    ("seed_cnn", {"widths": (8, 16)}, "widths does not apply to model 'seed_cnn', which reads filters, conv_width"),
+    ("fast_resnet", {"widths": ()}, "widths [] is not allowed; use one or more positive integers"),
+    ("fast_resnet", {"width_multiplier": 0.0}, "width_multiplier 0.0 is out of range; use a number > 0"),
+])
+def test_a_setting_the_family_does_not_read_or_out_of_range_is_one_line(model, settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig(model=model, **settings)

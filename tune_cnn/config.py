@@ -65,9 +65,15 @@ class ModelConfig:
     dense_units: int = 64
     batch_norm: bool = False
     dropout: float = 0.0
+    widths: tuple[int, ...] = (64, 256, 256)  # fast_resnet: channels of each group
+    width_multiplier: float = 1.0  # fast_resnet: scales every width (0.25 for a quick run on a laptop)
 
     def __post_init__(self) -> None:
-        family(self.model)  # an unknown name is one error listing the known ones
+        self._check_family_reads_every_setting()
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ConfigError(f"widths {list(self.widths)} is not allowed; use one or more positive integers, such as [64, 256, 256]")
+        if not 0 < self.width_multiplier < math.inf:
+            raise ConfigError(f"width_multiplier {self.width_multiplier} is out of range; use a number > 0, such as 0.5")
         if self.conv_width < 1 or self.conv_width % 2 == 0:
             raise ConfigError(f"conv_width {self.conv_width} is not allowed; use an odd integer >= 1 (1, 3, 5, 7)")
         if self.padding not in ("valid", "same"):
@@ -80,6 +86,16 @@ class ModelConfig:
             raise ConfigError(f"filters {list(self.filters)} is not allowed; use one or more positive integers, such as [32, 64, 64]")
         if self.dense_units < 1:
             raise ConfigError(f"dense_units {self.dense_units} is out of range; use an integer >= 1")
+
+    def _check_family_reads_every_setting(self) -> None:
+        """A setting the model's family does not read, changed from its default, is an error: it would change nothing
+        (an unknown model name is one error listing the known ones)."""
+        reads = family(self.model).settings
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if setting.name not in ("model", *reads) and value != setting.default:
+                raise ConfigError(f"{setting.name} does not apply to model '{self.model}', which reads {', '.join(reads)}; "
+                                  f"leave {setting.name} out")
 
     def check_fits(self, shape: InputShape) -> None:
         """A ConfigError where this model cannot take images of `shape` (a feature map shrunk below 1x1)."""

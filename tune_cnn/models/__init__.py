@@ -33,17 +33,22 @@ class ModelSize:
 
 
 SizeCount = Callable[["ModelConfig", "InputShape"], ModelSize]
+# The ModelConfig settings each family reads besides `model`; any other left at its default (ModelConfig checks).
+SEED_CNN_SETTINGS = ("filters", "conv_width", "padding", "pooling", "dense_units", "batch_norm", "dropout")
+FAST_RESNET_SETTINGS = ("widths", "width_multiplier", "pooling")
+FAST_RESNET_STEM_CHANNELS = 8  # per image channel: a few features at full resolution, where every channel costs the most
 
 
 @dataclass(frozen=True)
 class Family:
     """A model family: `fits` raises a ConfigError where a config cannot take images of a shape, before anything is
     built; `size` counts the model of a config that fits; `builder` names the function that builds the nn.Module,
-    as "module:function"."""
+    as "module:function"; `settings` are the ModelConfig settings it reads."""
 
     fits: ShapeCheck
     size: SizeCount
     builder: str
+    settings: tuple[str, ...] = SEED_CNN_SETTINGS
 
     def build(self, config: ModelConfig, shape: InputShape) -> nn.Module:
         module, _, function = self.builder.partition(":")
@@ -93,8 +98,38 @@ def fits_any_shape(config: ModelConfig, shape: InputShape) -> None:
     """The check of a family whose builder adapts to any image size (a global pooling before its classifier)."""
 
 
+def fast_resnet_widths(config: ModelConfig) -> list[int]:
+    """Each group's channels: `widths` times `width_multiplier`, rounded, at least 1."""
+    return [max(1, round(width * config.width_multiplier)) for width in config.widths]
+
+
+def fast_resnet_fits(config: ModelConfig, shape: InputShape) -> None:
+    """Each group halves the feature map: the images must keep at least 1x1 through all of them."""
+    groups = len(config.widths)
+    if min(shape.height, shape.width) < 2**groups:
+        raise ConfigError(f"fast_resnet's {groups} groups halve a {shape.height}x{shape.width} image {groups} times, below 1x1; "
+                          f"use fewer widths (groups) or images of at least {2**groups}x{2**groups}")
+
+
+def fast_resnet_size(config: ModelConfig, shape: InputShape) -> ModelSize:
+    """Stem conv (FAST_RESNET_STEM_CHANNELS per image channel) -> BN -> GELU, then per group
+    conv -> pool -> BN -> GELU -> conv -> BN -> GELU, global pooling, linear.
+    Activations: each layer's output that backward keeps (the convolutions', the pooled map, BN's and GELU's)."""
+    height, width_px = shape.height, shape.width
+    in_channels = FAST_RESNET_STEM_CHANNELS * shape.channels
+    parameters = shape.channels * 9 * in_channels + 2 * in_channels
+    activations = 3 * in_channels * height * width_px
+    for width in fast_resnet_widths(config):
+        parameters += in_channels * 9 * width + width * 9 * width + 4 * width
+        activations += width * height * width_px + 6 * width * (height // 2) * (width_px // 2)
+        height, width_px, in_channels = height // 2, width_px // 2, width
+    parameters += in_channels * shape.classes
+    return ModelSize(parameters, activations + in_channels + shape.classes)
+
+
 FAMILIES: dict[str, Family] = {
     "seed_cnn": Family(seed_cnn_fits, seed_cnn_size, "tune_cnn.models.seed_cnn:build"),
+    "fast_resnet": Family(fast_resnet_fits, fast_resnet_size, "tune_cnn.models.fast_resnet:build", FAST_RESNET_SETTINGS),
 }
 
 
