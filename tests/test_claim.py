@@ -112,3 +112,15 @@ def test_two_drivers_claiming_at_the_same_moment_leave_one_holder(storage: Stora
     held = [o for o in outcomes if isinstance(o, Claim)]
     assert len(held) == 1 and "in use by another sweep's driver" in str(next(o for o in outcomes if isinstance(o, ConfigError)))
     held[0].release()
+
+
+def test_a_claim_that_made_the_experiments_folder_removes_it_when_nothing_else_was_written(storage: Storage, tmp_path: Path):
+    """A sweep refused after its claim (a cluster without the GPU it asks for) leaves no folder behind; one that wrote
+    anything keeps it all."""
+    with Claim(storage).take():
+        assert storage.kind() == "folder"
+    assert storage.kind() == "missing"
+    assert storage.is_uri or not (tmp_path / "results").exists()  # a local claim made the storage folder too; S3 has no folders
+    with Claim(storage).take():
+        storage.write_text("tune_cnn.json", "{}")
+    assert storage.listing()[0] in (["tune_cnn.json"], [CLAIM_FILE, "tune_cnn.json"])

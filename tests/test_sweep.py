@@ -121,6 +121,7 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
     assert "epochs=3" in out and "resources per trial: cpu 1, gpu auto" in out and "notice" not in out
     assert not storage.exists()
     (storage / "seed").mkdir(parents=True)
+    (storage / "seed" / "tuner.pkl").write_bytes(b"")
     assert sweep.main(["seed", "--data", str(images), "--storage", str(storage), "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (f"notice: experiment {storage / 'seed'} already exists; "
                                                         f"the run needs --resume to continue it, or another --name")

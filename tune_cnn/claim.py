@@ -92,6 +92,7 @@ class Claim:
         self._lock_file: int | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._made: list[Path] = []  # the local folders the claim made, removed again if nothing else was written
 
     def __enter__(self) -> Claim:
         return self
@@ -109,8 +110,14 @@ class Claim:
         return self
 
     def release(self) -> None:
+        """Give the claim up; where the claim made the experiment's folder and nothing else was written there (a
+        sweep that stopped before it started), the folder goes too, so that a refused start leaves nothing behind."""
         if self._lock_file is not None:
-            os.close(self._lock_file)  # the lock goes with it; the file stays, so that no two drivers lock two files
+            if self._made and self.storage.listing() == ([CLAIM_FILE], []):
+                os.unlink(Path(self.storage.root) / CLAIM_FILE)  # under the lock: see _open_locked
+                for folder in reversed(self._made):
+                    folder.rmdir()
+            os.close(self._lock_file)  # the lock goes with it; the file stays, so that later drivers lock this one
             self._lock_file = None
         if self._heartbeat is not None:
             self._stop.set()
@@ -119,21 +126,38 @@ class Claim:
             standing = Holder.from_text(self.storage.read_text(CLAIM_FILE))
             if standing is not None and standing.token == self.holder.token:
                 self.storage.delete(CLAIM_FILE)
+                if self._made and self.storage.listing() == ([], []):
+                    self.storage.fs.delete_dir(self.storage.root)
 
     def _take_local(self) -> None:
         folder = Path(self.storage.root)
+        self._made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
         folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(folder / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise in_use_error(self.storage.location, Holder.from_text(self.storage.read_text(CLAIM_FILE))) from None
+        descriptor = self._open_locked(folder / CLAIM_FILE)
         os.ftruncate(descriptor, 0)
         os.write(descriptor, self.holder.to_text().encode())
         self._lock_file = descriptor
 
+    def _open_locked(self, path: Path) -> int:
+        """The claim file, opened and locked; one ConfigError where another driver holds the lock. A file that a
+        releasing driver removed after this one opened it is opened again: a lock on a removed file claims nothing."""
+        while True:
+            try:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # its folder removed by a driver that released it meanwhile
+                path.parent.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                raise in_use_error(self.storage.location, Holder.from_text(self.storage.read_text(CLAIM_FILE))) from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+            os.close(descriptor)
+
     def _take_object(self) -> None:
+        self._made = [Path(self.storage.root)] if self.storage.kind() == "missing" else []
         standing = Holder.from_text(self.storage.read_text(CLAIM_FILE))
         if standing is not None and standing.is_live(time.time()):
             raise in_use_error(self.storage.location, standing)
