@@ -21,7 +21,16 @@ CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
         ({"epochs": "1e9"}, "epochs '1e9' has the wrong type; expected an integer, such as 30 (1e3 is text: write 1000)"),
         ({"epochs": 2.0}, "epochs 2.0 has the wrong type; expected an integer"),
         ({"batch_norm": "yes"}, "batch_norm 'yes' has the wrong type; expected true or false"),
-        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not allowed; use one of: adam, sgd"),
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not allowed; use one of: adam, sgd, nesterov"),
+        ({"optimizer": "nesterov", "momentum": 0.0}, "optimizer nesterov needs momentum > 0 (with none it is plain SGD); set momentum, such as 0.9"),
+        ({"label_smoothing": 1.0}, "label_smoothing 1.0 is out of range; use 0 <= label_smoothing < 1, such as 0.1"),
+        ({"label_smoothing": -0.1}, "label_smoothing -0.1 is out of range"),
+        ({"label_smoothing": "some"}, "label_smoothing 'some' has the wrong type; expected a number"),
+        ({"warmup": 1}, "warmup 1.0 is out of range; use a fraction of the training steps, 0 <= warmup < 1, such as 0.2"),
+        ({"warmup": float("nan")}, "warmup nan is out of range"),
+        ({"schedule": "cosine", "warmup": 0.1}, "warmup does not apply to schedule cosine, which sets one rate per epoch; use schedule onecycle"),
+        ({"schedule": "linear"}, "schedule 'linear' is not allowed; use one of: constant, cosine, triangular, onecycle"),
+        ({"augment": "rotate"}, "augment 'rotate' is not allowed; use one of: none, flip, crop, crop_flip, translate, flip_translate"),
         ({"learning_rate": 0.1}, "unknown setting(s) learning_rate; allowed:"),
         ({"device": "gpu"}, "device 'gpu' is unknown; use auto, cpu, cuda or cuda:N"),
         ({"seed": -1}, "seed -1 is out of range; use an integer from 0 to 4294967295"),
@@ -46,6 +55,18 @@ def test_flat_round_trips():
     config = TrainConfig.from_flat({"pooling": "avg", "conv_width": 5, "epochs": 3, "filters": [16, 32, 32]})
     assert TrainConfig.from_flat(config.flat()) == config
     assert config.model.filters == (16, 32, 32)
+
+
+def test_the_training_recipes_settings_are_off_by_default_and_set_as_any_other():
+    """Off by default (every earlier run trains as it did); --set gives them as YAML reads them (an int where a float is due)."""
+    default = TrainConfig()
+    assert (default.optimizer, default.schedule, default.warmup, default.label_smoothing, default.augment) == ("adam", "constant", 0.0, 0.0, "none")
+    settings = {"optimizer": "nesterov", "schedule": "onecycle", "warmup": "2e-1", "label_smoothing": 0, "augment": "flip_translate"}
+    config = TrainConfig.from_flat(settings)
+    assert (config.warmup, config.label_smoothing) == (0.2, 0.0) and type(config.label_smoothing) is float
+    assert TrainConfig.from_flat(config.flat()) == config
+    for schedule in ("constant", "triangular", "onecycle"):
+        assert TrainConfig.from_flat({"schedule": schedule, "warmup": 0.3}).warmup == 0.3
 
 
 @pytest.mark.parametrize(

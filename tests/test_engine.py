@@ -1,6 +1,7 @@
 """The training engine: normalisation, augmentation, bf16 weight copies, the CUDA graph's parts, and (on a GPU)
 the CUDA graph itself against the eager engine."""
 import collections
+import copy
 import dataclasses
 import gc
 import math
@@ -11,10 +12,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tune_cnn.config import TrainConfig
 from tune_cnn.engine import Bf16Weights, EpochTotals, StepGraph, augment_batch, build_engine, normalise_pixels, pixel_normalisation, train_step
+from tune_cnn.optim import step_lr
 
 from conftest import CUDA, synthetic_splits
 
@@ -36,6 +39,91 @@ def test_augmentation_moves_pixels_within_the_padding_and_flips():
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
     shifted = augment_batch(x, "crop", generator, pad=1)
     assert set(shifted.unique().tolist()) <= set(x.unique().tolist()) | {0}
+
+
+def window_of(image: np.ndarray, padded: np.ndarray, flips: tuple[bool, ...]) -> tuple[int, int, bool]:
+    """The one (dy, dx, flipped) at which `image` is exactly a window of `padded`, its input padded by 2 each way."""
+    h, w = image.shape[1:]
+    windows = {(dy, dx): padded[:, dy : dy + h, dx : dx + w] for dy in range(5) for dx in range(5)}
+    matches = [(dy, dx, flip) for (dy, dx), window in windows.items() for flip in flips
+               if np.array_equal(image, window[:, :, ::-1] if flip else window)]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+@pytest.mark.parametrize("kind", ["translate", "flip_translate"])
+def test_translation_shifts_each_image_by_up_to_two_pixels_over_its_reflected_border(kind):
+    """airbench94's translation, checked against NumPy's reflect padding (the border mirrored, its edge not repeated)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last)  # as the engine keeps the images
+    out = augment_batch(x, kind, generator)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    flips = (False, True) if kind == "flip_translate" else (False,)
+    moves = [window_of(image, pad, flips) for image, pad in zip(out.numpy(), padded)]
+    assert {(dy, dx) for dy, dx, _ in moves} == {(dy, dx) for dy in range(5) for dx in range(5)}  # all 25 offsets
+    assert {flip for _, _, flip in moves} == set(flips)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_the_training_loss_is_cross_entropy_with_the_label_smoothing_asked_for(smoothing):
+    """0 is the plain loss bit for bit (the default trains as before); otherwise F.cross_entropy's smoothed loss, which
+    is (1 - s) times the cross-entropy plus s times the mean over the classes of -log p, and its gradients."""
+    data = synthetic_splits(train=32, val=10, test=10)
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "precision": "fp32", "label_smoothing": smoothing}), data.shape,
+                          data.mean, data.std)
+    twin = copy.deepcopy(engine.model)
+    x, y = torch.from_numpy(data.train.x).contiguous(memory_format=torch.channels_last), torch.from_numpy(data.train.y)
+    normalise = partial(normalise_pixels, scale=engine.scale, shift=engine.shift)
+    logits = twin(normalise(x))
+    reference = F.cross_entropy(logits, y, label_smoothing=smoothing) if smoothing else F.cross_entropy(logits, y)
+    reference.backward()
+    totals = EpochTotals(engine.device)
+    train_step(engine.model, engine.optimizer, normalise, x, y, engine.autocast, totals, engine.config.label_smoothing)
+    assert torch.equal(totals.loss / 32, reference.detach())
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(engine.model.parameters(), twin.parameters()))
+    log_p = logits.detach().log_softmax(1)
+    by_hand = (1 - smoothing) * F.nll_loss(log_p, y) - smoothing * log_p.mean(1).mean()
+    assert reference.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert torch.equal(reference, F.cross_entropy(logits, y)) == (smoothing == 0)
+
+
+def test_evaluation_reports_plain_cross_entropy_whatever_the_training_smoothing():
+    data = synthetic_splits(train=64, val=50, test=10)
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "label_smoothing": 0.3}), data.shape, data.mean, data.std)
+    engine.train_epoch(engine.put(data.train))
+    val = engine.put(data.val)
+    engine.model.eval()
+    with torch.no_grad():
+        plain = F.cross_entropy(engine.model(val.normalise(val.x)), val.y).item()
+    assert engine.evaluate(val)["loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_a_per_step_schedule_sets_each_steps_rate_where_its_epoch_falls_in_the_run(monkeypatch):
+    """100 images in batches of 32: 4 steps an epoch (the last short), 12 in the run. Epoch 2 is skipped, as a run
+    resumed after it skips it: the rates of epoch 3 come from the epoch alone."""
+    data = synthetic_splits(train=100, val=10, test=10)
+    config = TrainConfig.from_flat({"device": "cpu", "batch_size": 32, "epochs": 3, "schedule": "triangular", "warmup": 0.25, "lr": 0.01})
+    engine = build_engine(config, data.shape, data.mean, data.std)
+    used, step = [], engine.optimizer.step
+    monkeypatch.setattr(engine.optimizer, "step", lambda: (used.append(engine.optimizer.lr.item()), step()))  # the rate each step reads
+    train = engine.put(data.train)
+    for epoch in (1, 3):
+        engine.start_epoch(epoch)
+        engine.train_epoch(train)
+        assert engine.optimizer.group["lr"] == used[-1]  # the epoch's reported rate: its last step's
+    assert used == [step_lr("triangular", 0.01, 0.25, s, 12) for s in (0, 1, 2, 3, 8, 9, 10, 11)]
+    assert used[:4] == pytest.approx([0.0, 0.01 / 3, 0.02 / 3, 0.01]) and used[-1] == pytest.approx(0.01 / 9)
+
+
+def test_a_per_epoch_schedule_sets_no_rate_during_the_epoch(small_data, monkeypatch):
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "batch_size": 100, "schedule": "cosine", "epochs": 4}), small_data.shape,
+                          small_data.mean, small_data.std)
+    engine.start_epoch(3)
+    monkeypatch.setattr(engine.optimizer, "set_lr", lambda lr: pytest.fail(f"set_lr({lr}) during the epoch"))
+    engine.train_epoch(engine.put(small_data.train))
+    assert engine.optimizer.group["lr"] == pytest.approx(0.0005)
 
 
 def bf16_steps(settings: dict, weight_copies: bool, steps: int = 3, mode=None) -> tuple[list[torch.Tensor], float]:
@@ -198,6 +286,25 @@ def test_a_learning_rate_set_between_epochs_reaches_the_cuda_graphs_captured_ste
         assert all(torch.equal(a, b) for a, b in zip(frozen, engine.model.parameters()))
         runs.append(losses)
     assert runs[1] == pytest.approx(runs[0], rel=2e-2)
+
+
+@CUDA
+def test_per_step_rates_label_smoothing_and_translation_reach_the_cuda_graphs_captured_step(small_data):
+    """Each step's rate is filled into the tensor the captured step reads, outside the capture: the graph trains as
+    the eager engine does, step for step."""
+    base = {"batch_size": 64, "device": "cuda", "precision": "fp32", "epochs": 3, "schedule": "onecycle", "warmup": 0.3,
+            "label_smoothing": 0.1, "augment": "flip_translate", "optimizer": "nesterov", "lr": 0.05}
+    runs = []
+    for graph in (False, True):
+        engine = build_engine(TrainConfig.from_flat({**base, "cuda_graph": graph}), small_data.shape, small_data.mean, small_data.std)
+        data = engine.put(small_data.train)
+        losses = []
+        for epoch in (1, 2, 3):
+            engine.start_epoch(epoch)
+            losses.append(engine.train_epoch(data)[0])
+        runs.append(losses)
+    assert engine.graph.replays == 3 * 9 - 3 and engine.optimizer.group["lr"] == pytest.approx(0.05 / 25 / 1e4)
+    assert runs[1] == pytest.approx(runs[0], rel=2e-2) and runs[1][-1] < runs[1][0]
 
 
 @CUDA

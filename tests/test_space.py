@@ -114,6 +114,25 @@ def test_numbers_written_as_yaml_reads_1e_3_are_numbers_everywhere(tmp_path: Pat
     assert optuna.space["lr"] == Distribution("loguniform", 0.0001, 0.01) and optuna.scheduler.reduction_factor == 3.0
 
 
+def test_a_space_sweeping_the_training_recipes_settings_loads_them_typed(tmp_path: Path):
+    grid = load_space(write_space(tmp_path, """
+        fixed: {optimizer: nesterov, lr: 0.1, warmup: 2e-1}
+        space:
+          schedule: [constant, triangular, onecycle]
+          label_smoothing: [0, 0.2]
+          augment: [translate, flip_translate]
+    """, "recipe.yaml"))
+    assert grid.fixed == {"optimizer": "nesterov", "lr": 0.1, "warmup": 0.2} and grid.trial_count == 12
+    assert grid.space["label_smoothing"] == (0.0, 0.2) and type(grid.space["label_smoothing"][0]) is float
+    assert grid.space["schedule"] == ("constant", "triangular", "onecycle") and grid.space["augment"] == ("translate", "flip_translate")
+    optuna = load_space(write_space(tmp_path, """
+        search: optuna
+        fixed: {schedule: onecycle}
+        space: {warmup: {uniform: [0.0, 0.5]}, label_smoothing: {uniform: [0.0, 0.3]}, optimizer: [sgd, nesterov]}
+    """, "recipe_optuna.yaml"))
+    assert optuna.space["warmup"] == Distribution("uniform", 0.0, 0.5) and optuna.optimizers == {"sgd", "nesterov"}
+
+
 def test_int_distributions_are_inclusive_and_checked_value_by_value(tmp_path: Path):
     ok = write_space(tmp_path, """
         search: optuna
@@ -183,6 +202,10 @@ BAD_SPACES = {
     "comments only": ("# pooling: [max, avg]\n\n", r"bad\.yaml: holds no settings \(empty, or comments only\)"),
     "subset zero": ("subset: 0\n", r"subset: 0 is not allowed; use an integer >= 1"),
     "momentum swept for adam only": ("space: {momentum: [0.0, 0.9]}\n", r"space\.momentum: every trial uses optimizer adam, which ignores momentum"),
+    "a warm-up for the cosine schedule": ("fixed: {schedule: cosine}\nspace: {warmup: [0.0, 0.1]}\n",
+                                          r"space\.warmup: warmup does not apply to schedule cosine, which sets one rate per epoch"),
+    "label smoothing out of range": ("space: {label_smoothing: [0.1, 1.0]}\n", r"space\.label_smoothing: label_smoothing 1\.0 is out of range"),
+    "nesterov without momentum": ("fixed: {optimizer: nesterov}\nspace: {momentum: [0.0, 0.9]}\n", r"space\.momentum: optimizer nesterov needs momentum > 0"),
 }
 
 

@@ -10,6 +10,7 @@ from tune_cnn.checkpoints import CHECKPOINT_FILE, load_checkpoint
 from tune_cnn.config import TrainConfig
 from tune_cnn.data import load_data
 from tune_cnn.errors import ConfigError
+from tune_cnn.optim import step_lr
 from tune_cnn.train import LocalCheckpoints, train
 from tune_cnn.train import main as train_main
 
@@ -61,8 +62,20 @@ def test_a_cosine_schedule_sets_each_epochs_learning_rate_and_the_report_names_i
     assert {m["lr"] for m in train(TrainConfig.from_flat({"epochs": 2, "batch_size": 64}), small_data, quiet(tmp_path / "c"))} == {0.001}
 
 
+def test_a_per_step_schedule_reports_each_epochs_last_step_rate_and_trains(small_data, tmp_path):
+    """600 images in batches of 64: 10 steps an epoch, 40 in the run; the warm-up ends at step 8."""
+    config = TrainConfig.from_flat({"epochs": 4, "batch_size": 64, "lr": 0.004, "schedule": "triangular", "warmup": 0.2})
+    history = train(config, small_data, quiet(tmp_path))
+    assert [m["lr"] for m in history] == [step_lr("triangular", 0.004, 0.2, 10 * epoch - 1, 40) for epoch in (1, 2, 3, 4)]
+    assert [m["lr"] for m in history] == pytest.approx([0.004 * 31 / 32, 0.004 * 21 / 32, 0.004 * 11 / 32, 0.004 / 32])
+    assert history[-1]["val_acc"] > 0.9
+
+
 @pytest.mark.parametrize("settings", [{"dropout": 0.3, "augment": "crop_flip"}, {"batch_norm": True, "optimizer": "sgd", "lr": 0.05},
-                                      {"schedule": "cosine"}])
+                                      {"schedule": "cosine"},
+                                      {"schedule": "triangular", "warmup": 0.3, "optimizer": "nesterov", "lr": 0.05, "label_smoothing": 0.1,
+                                       "augment": "flip_translate"},
+                                      {"schedule": "onecycle", "warmup": 0.25, "augment": "translate"}, {"warmup": 0.5}])
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
     straight = train(config, small_data, quiet(tmp_path / "straight"))
@@ -70,7 +83,7 @@ def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, t
     assert [m["epoch"] for m in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "val_forgotten", "val_learned", "test_ece",
-                    "test_conf_right"):
+                    "test_conf_right", "lr"):
             assert a[key] == b[key], key
 
 

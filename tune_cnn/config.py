@@ -20,10 +20,13 @@ from pydantic import TypeAdapter, ValidationError
 from tune_cnn.errors import ConfigError
 from tune_cnn.models import family
 
-Augment = Literal["none", "flip", "crop", "crop_flip"]
+Augment = Literal["none", "flip", "crop", "crop_flip", "translate", "flip_translate"]  # engine.augment_batch
 AUGMENTATIONS = get_args(Augment)
+Optimizer = Literal["adam", "sgd", "nesterov"]  # engine.optimizer_settings
+OPTIMIZERS = get_args(Optimizer)
 Padding = Literal["valid", "same"]
-Schedule = Literal["constant", "cosine"]  # the learning rate over the epochs: optim.scheduled_lr
+# The learning rate over the run: per epoch (optim.scheduled_lr), or per step (triangular, onecycle, a warm-up: optim.step_lr)
+Schedule = Literal["constant", "cosine", "triangular", "onecycle"]
 SCHEDULES = get_args(Schedule)
 Pooling = Literal["max", "avg"]
 MAX_EPOCHS = 10_000  # 100 times the longest shipped space's epochs, and days of the seed model on a GPU
@@ -113,11 +116,13 @@ class TrainConfig:
     """Everything one trial needs besides the data. Defaults are the seed's Keras run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Optimizer = "adam"
     lr: float = 1e-3
     schedule: Schedule = "constant"
+    warmup: float = 0.0  # the fraction of all training steps over which the rate rises from 0: optim.step_lr
     momentum: float = 0.9
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0  # of the training loss only; evaluation reports plain cross-entropy
     batch_size: int = 32
     epochs: int = 10
     checkpoint_every: int = 10
@@ -131,9 +136,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.optimizer in ("adam", "sgd"), f"optimizer '{self.optimizer}' is unknown; use 'adam' or 'sgd'"),
+            (self.optimizer in OPTIMIZERS, f"optimizer '{self.optimizer}' is unknown; use one of {', '.join(OPTIMIZERS)}"),
             (0 < self.lr < math.inf, f"lr {self.lr} is out of range; use a learning rate > 0, such as 0.001"),
             (0 <= self.momentum < 1, f"momentum {self.momentum} is out of range; use 0 <= momentum < 1"),
+            (self.optimizer != "nesterov" or self.momentum > 0,
+             "optimizer nesterov needs momentum > 0 (with none it is plain SGD); set momentum, such as 0.9, or use optimizer sgd"),
             (0 <= self.weight_decay < math.inf, f"weight_decay {self.weight_decay} is out of range; use a finite value >= 0"),
             (self.batch_size >= 1, f"batch_size {self.batch_size} is out of range; use an integer >= 1"),
             (self.batch_size >= 2 or not self.model.batch_norm, "batch_norm needs batch_size 2 or more; batch norm cannot train on one image"),
@@ -142,6 +149,10 @@ class TrainConfig:
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} is out of range; use an integer from 0 to {MAX_SEED}"),
             (DEVICE.fullmatch(self.device) is not None, f"device '{self.device}' is unknown; use auto, cpu, cuda or cuda:N"),
             (self.schedule in SCHEDULES, f"schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}"),
+            (0 <= self.warmup < 1, f"warmup {self.warmup} is out of range; use a fraction of the training steps, 0 <= warmup < 1, such as 0.2"),
+            (self.warmup == 0 or self.schedule != "cosine",
+             "warmup does not apply to schedule cosine, which sets one rate per epoch; use schedule onecycle (a warm-up, then a cosine fall) or warmup 0"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing {self.label_smoothing} is out of range; use 0 <= label_smoothing < 1, such as 0.1"),
             (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
             (self.eval_batch_size >= 1, f"eval_batch_size {self.eval_batch_size} is out of range; use an integer >= 1"),

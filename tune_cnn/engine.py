@@ -24,12 +24,13 @@ from tune_cnn.config import InputShape, TrainConfig
 from tune_cnn.data import Arrays
 from tune_cnn.errors import ConfigError
 from tune_cnn.models import build_model
-from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD
+from tune_cnn.optim import FusedAdamW, FusedOptimizer, FusedSGD, per_step, scheduled_lr, step_lr
 
 CPU_EVAL_BATCH = 256
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
 NO_AUTOCAST = nullcontext()  # fp32: reusable, as a context manager that does nothing is
+TRANSLATE_PAD = 2  # augment translate's largest shift, airbench94's
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,31 +85,40 @@ def pixel_normalisation(mean: Sequence[float], std: Sequence[float], device: tor
 
 
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (zero fill) and/or horizontal flip, for a whole uint8 batch."""
-    n, c, h, w = x.shape
+    """Random translation (crop: by up to `pad` pixels, zero fill; translate: by up to TRANSLATE_PAD, the border
+    reflected, as airbench94 does) and/or horizontal flip, for a whole uint8 batch."""
     if "crop" in kind:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy, dx = (torch.randint(0, 2 * pad + 1, (2, n, 1), device=x.device, generator=generator))
-        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-        x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        x = shifted(x, generator, pad, "constant")
+    if "translate" in kind:
+        x = shifted(x, generator, TRANSLATE_PAD, "reflect")
     if "flip" in kind:
-        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+        flip = torch.rand(len(x), device=x.device, generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
 
-def optimizer_settings(config: TrainConfig) -> dict[str, float]:
+def shifted(x: torch.Tensor, generator: torch.Generator, pad: int, mode: str) -> torch.Tensor:
+    """Each image moved by its own random offset of up to `pad` pixels each way, the space filled by F.pad's `mode`:
+    one pad and one gather for the whole batch, where a crop per image would be a kernel per image."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, n, 1), device=x.device, generator=generator))
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+def optimizer_settings(config: TrainConfig) -> dict[str, Any]:
     """The optimizer's hyperparameters by torch.optim's names: AdamW (decoupled weight decay, the regulariser
-    people mean) with Keras's epsilon, as the seed ran, or SGD with momentum."""
-    if config.optimizer == "sgd":
-        return {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay}
+    people mean) with Keras's epsilon, as the seed ran, or SGD with momentum, Nesterov's for optimizer nesterov."""
+    if config.optimizer != "adam":
+        return {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay, "nesterov": config.optimizer == "nesterov"}
     return {"lr": config.lr, "eps": 1e-7, "weight_decay": config.weight_decay}
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> FusedOptimizer:
     """The engine's optimizer (tune_cnn.optim). With cuda_graph, AdamW's step is capturable in the graph."""
-    if config.optimizer == "sgd":
+    if config.optimizer != "adam":
         return FusedSGD(model.parameters(), **optimizer_settings(config))
     capturable = config.cuda_graph and next(model.parameters()).is_cuda
     return FusedAdamW(model.parameters(), **optimizer_settings(config), capturable=capturable)
@@ -128,12 +138,20 @@ class Engine:
     scale: torch.Tensor  # the pixel normalisation: pixel_normalisation
     shift: torch.Tensor
     graph: StepGraph | None  # with cuda_graph on CUDA: the captured training step
+    epoch: int = 1  # the epoch train_epoch trains (from 1): start_epoch
 
     def put(self, arrays: Arrays) -> DeviceData:
         return DeviceData(arrays, self.scale, self.shift, self.device, channels_last=True)
 
+    def start_epoch(self, epoch: int) -> None:
+        """Set the learning rate for `epoch` (from 1): its one rate (optim.scheduled_lr) or, with a per-step schedule,
+        the epoch whose steps train_epoch places in the run's schedule, so a resumed run takes the schedule up where it
+        stopped with no state but the epoch."""
+        self.epoch = epoch
+        self.optimizer.set_lr(scheduled_lr(self.config.schedule, self.config.lr, epoch, self.config.epochs))
+
     def train_epoch(self, data: DeviceData) -> tuple[float, float]:
-        return train_epoch(self.step, self.optimizer, data, self.config, self.shuffle, self.autocast, self.graph)
+        return train_epoch(self.step, self.optimizer, data, self.config, self.shuffle, self.autocast, self.graph, self.epoch)
 
     def evaluate(self, data: DeviceData) -> dict[str, float]:
         return evaluate(self.model, data, eval_batch_size(self.config, self.device), self.autocast)
@@ -164,7 +182,8 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     if config.cuda_graph and device.type == "cuda":
         bf16_weight_copies = bf16 and not config.compile
         graph = StepGraph(Bf16Weights(step) if bf16_weight_copies else step, optimizer, autocast, scale, shift,
-                          (config.batch_size, shape.channels, shape.height, shape.width), torch.bfloat16 if bf16_weight_copies else None)
+                          (config.batch_size, shape.channels, shape.height, shape.width), torch.bfloat16 if bf16_weight_copies else None,
+                          config.label_smoothing)
     return Engine(config, device, model, step, optimizer, shuffle, autocast, scale, shift, graph)
 
 
@@ -198,9 +217,11 @@ def eval_batch_size(config: TrainConfig, device: torch.device) -> int:
 
 
 def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, config: TrainConfig,
-                generator: torch.Generator, autocast, graph: StepGraph | None = None) -> tuple[float, float]:
-    """One shuffled pass; returns the mean training loss and accuracy. With `graph`, full batches replay the
-    captured step and only a short last batch runs eagerly."""
+                generator: torch.Generator, autocast, graph: StepGraph | None = None, epoch: int = 1) -> tuple[float, float]:
+    """One shuffled pass; returns the mean training loss (label-smoothed where config smooths it) and accuracy. With
+    `graph`, full batches replay the captured step and only a short last batch runs eagerly. With a per-step
+    schedule each step sets its own rate (optim.step_lr), step (epoch - 1) * batches + i of epochs * batches, so the
+    optimizer's rate after the pass (the epoch's reported lr) is the last step's."""
     model.train()
     order = torch.randperm(len(data), device=data.x.device, generator=generator)
     totals = graph.totals if graph else EpochTotals(data.x.device)
@@ -208,7 +229,11 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
     # Batch norm cannot train on one image (BatchNorm1d refuses it): a last batch of one is left out, a different
     # image each epoch, as a DataLoader's drop_last leaves out every short last batch.
     seen = len(data) - 1 if config.model.batch_norm and len(data) % config.batch_size == 1 else len(data)
-    for start in range(0, seen, config.batch_size):
+    starts = range(0, seen, config.batch_size)
+    stepwise = per_step(config.schedule, config.warmup)
+    for step, start in enumerate(starts, (epoch - 1) * len(starts)):
+        if stepwise:
+            optimizer.set_lr(step_lr(config.schedule, config.lr, config.warmup, step, config.epochs * len(starts)))
         index = order[start : start + config.batch_size]
         full = graph is not None and len(index) == config.batch_size
         if full and config.augment == "none":
@@ -220,7 +245,7 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
         if full:
             graph.step(x, y)
         else:
-            train_step(model, optimizer, data.normalise, x, y, autocast, totals)
+            train_step(model, optimizer, data.normalise, x, y, autocast, totals, config.label_smoothing)
     return totals.loss.item() / seen, totals.correct.item() / seen
 
 
@@ -237,11 +262,12 @@ class EpochTotals:
 
 
 def train_step(model: nn.Module, optimizer: FusedOptimizer, normalise: Callable[[torch.Tensor], torch.Tensor],
-               x: torch.Tensor, y: torch.Tensor, autocast, totals: EpochTotals) -> None:
-    """One optimizer step on a uint8 batch, adding its loss and correct count to `totals`."""
+               x: torch.Tensor, y: torch.Tensor, autocast, totals: EpochTotals, label_smoothing: float = 0.0) -> None:
+    """One optimizer step on a uint8 batch, adding its loss and correct count to `totals`. `label_smoothing` is
+    F.cross_entropy's (0: the plain loss), a regulariser for training only, which keeps the logits from growing."""
     with autocast:
         logits = model(normalise(x))
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -263,14 +289,15 @@ class StepGraph:
     WARMUP_STEPS = 3
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], optimizer: FusedOptimizer, autocast: Any,
-                 scale: torch.Tensor, shift: torch.Tensor, batch_shape: tuple[int, int, int, int], input_dtype: torch.dtype | None = None):
+                 scale: torch.Tensor, shift: torch.Tensor, batch_shape: tuple[int, int, int, int], input_dtype: torch.dtype | None = None,
+                 label_smoothing: float = 0.0):
         """`forward`: the model (or Bf16Weights of it); `batch_shape`: (batch, channels, height, width); `input_dtype`:
-        bf16 to normalise the input straight to bf16, as Bf16Weights wants it."""
+        bf16 to normalise the input straight to bf16, as Bf16Weights wants it; `label_smoothing`: train_step's."""
         device = scale.device
         self.x = torch.zeros(batch_shape, dtype=torch.uint8, device=device).contiguous(memory_format=torch.channels_last)
         self.y = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
         self.totals = EpochTotals(device)
-        self.forward, self.optimizer, self.autocast = forward, optimizer, autocast
+        self.forward, self.optimizer, self.autocast, self.label_smoothing = forward, optimizer, autocast, label_smoothing
         self.normalise = partial(normalise_pixels, scale=scale, shift=shift, dtype=input_dtype)
         self.eager_steps, self.replays = 0, 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -312,7 +339,7 @@ class StepGraph:
         self.captured_grads = [p.grad for p in self.optimizer.params]
 
     def _train_step(self) -> None:
-        train_step(self.forward, self.optimizer, self.normalise, self.x, self.y, self.autocast, self.totals)
+        train_step(self.forward, self.optimizer, self.normalise, self.x, self.y, self.autocast, self.totals, self.label_smoothing)
 
 
 class Bf16Weights:

@@ -6,7 +6,7 @@ so the numbers are bit for bit theirs, and state_dict() has torch.optim's layout
 either (tests/test_optim.py). Fused kernels: one launch per step for all parameters on CUDA, and faster than
 foreach on the CPU. Their hyperparameters are torch.optim's defaults except where the config sets them. The
 learning rate is a tensor on the parameters' device, so that a step captured in a CUDA graph reads the value that
-the schedule set last (a float would be frozen into the graph).
+the schedule set last (a float would be frozen into the graph), and a schedule may set it every step.
 """
 from __future__ import annotations
 
@@ -29,6 +29,49 @@ def scheduled_lr(schedule: str, lr: float, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
     return lr
+
+
+def per_step(schedule: str, warmup: float) -> bool:
+    """Whether the learning rate changes at every optimizer step (step_lr) rather than once an epoch (scheduled_lr)."""
+    return schedule in ("triangular", "onecycle") or warmup > 0
+
+
+def step_lr(schedule: str, lr: float, warmup: float, step: int, steps: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) of a run's `steps`, for a per-step schedule:
+
+    - constant with `warmup`: rising linearly from 0 over the first warmup * steps steps, then `lr`;
+    - triangular: rising so (from `lr` at once with no warm-up), then falling linearly to reach 0 as the run ends:
+      the piecewise-linear schedule of David Page's and airbench's CIFAR-10 runs read at the start of each step, so
+      the first step of a warm-up runs at 0 and the last step at lr / (steps - warmup * steps);
+    - onecycle: onecycle_lr, torch's OneCycleLR with pct_start `warmup` (0: no rising phase, only the cosine fall
+      from `lr`; torch's own default would be 0.3, but warmup means the same for every schedule).
+
+    Per step because a run of few epochs has too few of them to warm up or anneal in: a large rate at the first steps
+    throws an untrained network off course, and one that ends small settles the weights.
+    """
+    rise = warmup * steps
+    if schedule == "onecycle":
+        return onecycle_lr(lr, rise - 1, step, steps)
+    warm = min(1.0, step / rise) if rise else 1.0
+    fall = (steps - step) / (steps - rise) if schedule == "triangular" else 1.0
+    return lr * min(warm, fall)
+
+
+def onecycle_lr(lr: float, peak: float, step: int, steps: int) -> float:
+    """torch.optim.lr_scheduler.OneCycleLR's rate at `step` of `steps`, in its arithmetic (cosine annealing, max_lr `lr`,
+    its default div_factor 25 and final_div_factor 1e4, no momentum cycling): from lr / 25 up to `lr` at step `peak`
+    (pct_start * steps - 1), then down to lr / 25 / 1e4 at the last step; computed here, as a torch.optim scheduler
+    would import torch._dynamo. With no warm-up (peak -1) it only falls. Where OneCycleLR divides 0 by 0 (a peak at
+    step 0), this is the peak."""
+    initial = lr / 25.0
+    if step < peak:
+        return _annealing_cos(initial, lr, step / peak)
+    return _annealing_cos(lr, initial / 1e4, (step - peak) / (steps - 1 - peak))
+
+
+def _annealing_cos(start: float, end: float, pct: float) -> float:
+    """From `start` to `end` on a half cosine as `pct` goes from 0 to 1, as OneCycleLR computes it."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
 class FusedOptimizer:
@@ -97,11 +140,11 @@ class FusedAdamW(FusedOptimizer):
 
 
 class FusedSGD(FusedOptimizer):
-    """SGD with momentum and (coupled, L2) weight decay, as torch.optim.SGD; its momentum buffers are made at
-    the first step, as torch's are."""
+    """SGD with momentum (Nesterov's with `nesterov`) and (coupled, L2) weight decay, as torch.optim.SGD; its
+    momentum buffers are made at the first step, as torch's are."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float):
-        group = {"lr": lr, "momentum": momentum, "dampening": 0.0, "weight_decay": weight_decay, "nesterov": False, **TORCH_FLAGS}
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float, nesterov: bool = False):
+        group = {"lr": lr, "momentum": momentum, "dampening": 0.0, "weight_decay": weight_decay, "nesterov": nesterov, **TORCH_FLAGS}
         super().__init__(params, group, lambda param: {"momentum_buffer": None})
 
     @torch.no_grad()

@@ -35,7 +35,6 @@ from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.engine import DeviceData, Engine, build_engine, resolve_device
 from tune_cnn.errors import CommandParser, ConfigError, DataError, check_folder_can_be_made, exit_on_user_error, first_line
 from tune_cnn.memory import FIXES, available_memory, check_fits, trial_memory
-from tune_cnn.optim import scheduled_lr
 
 Metrics = dict[str, Any]  # numbers, and each evaluated split's calibration bins
 Reporter = Callable[[Metrics, "Path | None"], None]
@@ -154,8 +153,7 @@ def allocation_failures_as_one_line(device: torch.device) -> Iterator[None]:
 
 def run_epoch(engine: Engine, splits: dict[str, DeviceData], epoch: int) -> Metrics:
     """One training pass and the evaluation of the validation and test splits, as the epoch's metrics."""
-    config = engine.config
-    engine.optimizer.set_lr(scheduled_lr(config.schedule, config.lr, epoch, config.epochs))
+    engine.start_epoch(epoch)
     start = time.perf_counter()
     train_loss, train_acc = engine.train_epoch(splits["train"])
     train_seconds = time.perf_counter() - start

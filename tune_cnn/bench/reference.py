@@ -51,7 +51,7 @@ def reference_model(config: TrainConfig, shape: InputShape) -> tuple[torch.nn.Mo
     """The same model, initialisation and optimizer settings as the engine; torch's default kernels, fp32, NCHW."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, shape).to(resolve_device(config.device))
-    optimizer = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+    optimizer = torch.optim.AdamW if config.optimizer == "adam" else torch.optim.SGD  # sgd and nesterov: optimizer_settings
     return model, optimizer(model.parameters(), **optimizer_settings(config))
 
 
