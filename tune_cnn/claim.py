@@ -151,10 +151,19 @@ class Claim:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(descriptor)
-                raise in_use_error(self.storage.location, Holder.from_text(self.storage.read_text(CLAIM_FILE))) from None
+                raise in_use_error(self.storage.location, self._holder_written()) from None
             if path.exists() and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
                 return descriptor
             os.close(descriptor)
+
+    def _holder_written(self) -> Holder | None:
+        """The holder of a lock taken a moment ago, once it has written who it is (it locks, then writes)."""
+        for _ in range(20):
+            holder = Holder.from_text(self.storage.read_text(CLAIM_FILE))
+            if holder is not None:
+                return holder
+            time.sleep(0.05)
+        return None
 
     def _take_object(self) -> None:
         self._made = [Path(self.storage.root)] if self.storage.kind() == "missing" else []
