@@ -233,6 +233,15 @@ def test_an_interrupted_sweep_loads_with_each_trials_status(tmp_path: Path):
         assert len(df) == sum(reported for reported, _, _ in plans.values())
 
 
+def test_a_trial_that_stopped_itself_on_a_loss_that_is_not_a_number_reads_as_diverged(tmp_path: Path):
+    experiment = tmp_path / "diverging"
+    reports = [curve("max", 3, 1), {**curve("max", 3, 2), "train_loss": float("nan"), "val_loss": float("nan")}]
+    folder, diverging = write_trial(experiment, 0, seed_params("max", 3), reports)
+    write_state(experiment, {folder.name: (diverging, "TERMINATED")})
+    sweep = analysis.load(experiment)
+    assert sweep.frame["status"].unique().tolist() == ["diverged"] and sweep.context.incomplete == {diverging: "diverged"}
+
+
 def test_the_report_counts_every_trial_of_the_space_started_or_not(tmp_path: Path):
     """An interrupted 4-trial grid whose driver died: two trials finished, one was cut short, one never started."""
     experiment = tmp_path / "interrupted-grid"

@@ -170,6 +170,15 @@ def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_a_fresh_shuffle(small_d
             "the original run's numbers exactly") in out and "epoch   2" in out
 
 
+def test_a_run_that_diverges_stops_at_the_first_epoch_whose_loss_is_not_a_number(small_data, capsys):
+    reports = []
+    history = train(TrainConfig.from_flat({"lr": 1e10, "epochs": 5}), small_data, lambda metrics, folder: reports.append(metrics))
+    assert len(history) == len(reports) < 5 and history[-1]["train_loss"] != history[-1]["train_loss"]  # NaN, and reported
+    assert all(r["train_loss"] == r["train_loss"] for r in history[:-1])
+    assert capsys.readouterr().err == (f"warning: training diverged at epoch {len(history)} (training loss nan); the run stops here; "
+                                       f"a lower lr may fix it\n")
+
+
 def test_checkpoints_go_to_a_folder_not_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for folder in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):

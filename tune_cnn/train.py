@@ -7,7 +7,9 @@ the work; checkpoints are tune_cnn.checkpoints'.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -115,6 +117,8 @@ class Run:
                         report(metrics, Path(folder))
                 else:
                     report(metrics, None)
+                if diverged(metrics):
+                    break
         return history
 
 
@@ -127,6 +131,16 @@ def train(config: TrainConfig, data: DataSplits, report: Reporter = print_report
     `checkpoint_every` epochs and at the last; `resume` (from load_checkpoint) continues at the next epoch.
     """
     return Run.prepare(config, resume).train(data, report)
+
+
+def diverged(metrics: Metrics) -> bool:
+    """Whether the epoch's training loss is no longer a number (a learning rate too high for the model): the run
+    stops after reporting it, with one line on stderr, since every later epoch would be NaN too."""
+    if math.isfinite(metrics["train_loss"]):
+        return False
+    print(f"warning: training diverged at epoch {metrics['epoch']} (training loss {metrics['train_loss']}); the run stops here; "
+          f"a lower lr may fix it", file=sys.stderr, flush=True)
+    return True
 
 
 def check_trial_memory(config: TrainConfig, data: DataSplits, device: torch.device) -> None:

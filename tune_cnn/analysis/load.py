@@ -19,7 +19,7 @@ from tune_cnn.config import TrainConfig
 from tune_cnn.errors import TuneCnnError
 from tune_cnn.experiment import CALIBRATION, METADATA_FILE, METRICS, ExperimentFolder, Metadata, Report, SavedState, Storage, is_state_file, made_at
 
-FINISHED, STOPPED, ERRORED, RUNNING, INTERRUPTED = "finished", "stopped early", "errored", "running", "interrupted"
+FINISHED, STOPPED, ERRORED, RUNNING, INTERRUPTED, DIVERGED = "finished", "stopped early", "errored", "running", "interrupted", "diverged"
 NOT_STARTED = "not started"
 UNREADABLE = "settings unreadable"  # params.json and every checkpoint's copy cut short: left out of the rows
 LOST = "lost when its driver was killed, not resumed"  # see _is_lost: left out of the rows
@@ -162,7 +162,7 @@ def _read_trial(folder: ExperimentFolder, name: str, state: tuple[str, str] | No
 
 
 def _status(reports: list[Report], epochs: int, state: str | None, has_error_file: bool, driver_runs: bool) -> str:
-    """finished / stopped early / errored / running / interrupted, from Ray's state where it has one, else from the
+    """finished / stopped early / errored / diverged / running / interrupted, from Ray's state where it has one, else from the
     files; a trial that has not ended runs only while a driver holds the experiment (tune_cnn.claim).
 
     A trial that failed and then recovered keeps its error.txt, so the file alone means errored only
@@ -171,6 +171,8 @@ def _status(reports: list[Report], epochs: int, state: str | None, has_error_fil
     last_epoch = int(reports[-1]["epoch"]) if reports else 0
     if state == "ERROR":
         return ERRORED
+    if reports and not np.isfinite(reports[-1].get("train_loss", 0.0)):
+        return DIVERGED  # the trial stopped itself there (tune_cnn.train.diverged)
     if last_epoch >= epochs:
         return FINISHED
     if state == "TERMINATED":
