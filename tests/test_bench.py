@@ -12,10 +12,13 @@ from tune_cnn.bench import side_by_side
 from tune_cnn.bench.__main__ import format_table, main, run_benchmark
 from tune_cnn.bench.clock import Plan, Timing
 from tune_cnn.bench.reference import ReferenceProcess, TutorialDataset, compare_accuracy, reference_model
+from tune_cnn.bench.side_by_side import training_flops_per_image
 from tune_cnn.bench.sweeps import sweep_timeline, time_seed_sweep, time_seed_trials
-from tune_cnn.config import TrainConfig
+from tune_cnn.config import InputShape, TrainConfig
 from tune_cnn.data import load_data
 from tune_cnn.engine import build_engine
+from tune_cnn.models import build_model
+from tune_cnn.train import parse_settings
 
 from conftest import make_image_folder, synthetic_splits
 
@@ -99,6 +102,21 @@ def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
     (written,) = (tmp_path / "out").glob("*-quick.json")
     figures = json.loads(written.read_text())
     assert figures["batch_size"] == 8 and figures["images_per_pass"] == 48 and figures["command"].startswith("python -m tune_cnn.bench")
+
+
+def test_the_benchmark_times_the_fast_resnet_family_and_its_floor(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", per_class={"train": 24, "test": 4}, size=(16, 16))
+    settings = ["model=fast_resnet", "width_multiplier=0.125", "optimizer=nesterov", "label_smoothing=0.2", "augment=flip_translate"]
+    main(["--quick", "--data", str(folder), "--images", "48", "--batch-size", "8", "--rounds", "1", "--out", str(tmp_path / "out"),
+          "--set", *settings])
+    assert "floor" in capsys.readouterr().out
+    (written,) = (tmp_path / "out").glob("*-quick.json")
+    figures = json.loads(written.read_text())
+    config = TrainConfig.from_flat(parse_settings(settings))
+    shape = InputShape(channels=3, height=16, width=16, classes=3)
+    assert figures["config"]["model"] == "fast_resnet" and figures["floor"]["flops_per_image"] == training_flops_per_image(
+        build_model(config.model, shape), shape)
+    assert all(r["images_per_second"] > 0 for r in figures["results"])
 
 
 def test_a_later_run_on_the_same_day_keeps_the_earlier_figures(tmp_path):
