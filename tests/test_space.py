@@ -20,7 +20,7 @@ CIFAR_SHAPE = InputShape(3, 32, 32, 10)
 
 
 def test_shipped_spaces_are_all_there_and_valid_on_cifar():
-    assert {"seed", "regularization", "optuna", "quick"} <= set(space_names())
+    assert {"seed", "regularization", "optuna", "quick", "frontier"} <= set(space_names())
     for name in space_names():
         load_space(name).check_models(CIFAR_SHAPE)
 
@@ -201,6 +201,10 @@ BAD_SPACES = {
     "empty": ("", r"bad\.yaml: holds no settings \(empty, or comments only\); a search space is a YAML mapping of search, .* at least `fixed` or `space`"),
     "comments only": ("# pooling: [max, avg]\n\n", r"bad\.yaml: holds no settings \(empty, or comments only\)"),
     "subset zero": ("subset: 0\n", r"subset: 0 is not allowed; use an integer >= 1"),
+    "a fast_resnet setting for the seed model": ("fixed: {width_multiplier: 0.5}\n",
+                                                 r"fixed\.width_multiplier: width_multiplier does not apply to model 'seed_cnn'"),
+    "a seed setting for fast_resnet": ("fixed: {model: fast_resnet, dropout: 0.25}\n",
+                                       r"fixed\.dropout: dropout does not apply to model 'fast_resnet'"),
     "momentum swept for adam only": ("space: {momentum: [0.0, 0.9]}\n", r"space\.momentum: every trial uses optimizer adam, which ignores momentum"),
     "a warm-up for the cosine schedule": ("fixed: {schedule: cosine}\nspace: {warmup: [0.0, 0.1]}\n",
                                           r"space\.warmup: warmup does not apply to schedule cosine, which sets one rate per epoch"),

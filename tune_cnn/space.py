@@ -347,7 +347,9 @@ def _scheduler(fail: _Failer, raw: Any, epochs: int) -> Scheduler:
 
 def _fixed(fail: _Failer, raw: Any) -> dict[str, Any]:
     given = _mapping(fail, "fixed", raw, SETTINGS)
-    fixed = {name: _typed(fail, f"fixed.{name}", {name: value})[name] for name, value in given.items()}
+    # Each setting checked with the model it is for: a family's own settings are errors for another family.
+    model = {"model": _typed(fail, "fixed.model", {"model": given["model"]})["model"]} if "model" in given else {}
+    fixed = {name: _typed(fail, f"fixed.{name}", {**model, name: value})[name] for name, value in given.items()}
     _typed(fail, "fixed", fixed)
     return fixed
 
