@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tune_cnn.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from tune_cnn.checkpoints import CHECKPOINT_FILE, load_checkpoint, restore
 from tune_cnn.config import TrainConfig
+from tune_cnn.engine import build_engine
 from tune_cnn.errors import ConfigError
 from tune_cnn.train import LocalCheckpoints, train
 
@@ -89,3 +90,18 @@ def test_a_checkpoint_keeps_which_images_were_right_and_one_without_them_says_so
     resumed = train(config, small_data, quiet(tmp_path / "older"), resume=older)
     assert math.isnan(resumed[0]["val_forgotten"]) and math.isnan(resumed[0]["test_learned"])  # unknown, not zero
     assert not math.isnan(resumed[1]["val_forgotten"])
+
+
+def test_a_checkpoint_keeps_the_averaged_weights_and_one_without_them_starts_the_average_at_its_weights(small_data, tmp_path):
+    """A run with ema resumed from a checkpoint trained without it averages from the checkpoint's weights on, as a
+    fresh run averages from its initial weights."""
+    for ema in (0.0, 0.9):
+        train(TrainConfig.from_flat({"epochs": 1, "batch_size": 50, "batch_norm": True, "ema": ema}), small_data, quiet(tmp_path / str(ema)))
+    plain, averaged = (load_checkpoint(tmp_path / str(ema) / "epoch_001") for ema in (0.0, 0.9))
+    assert "ema" not in plain and set(averaged["ema"]) == set(averaged["model"])
+    assert not torch.equal(averaged["ema"]["0.weight"], averaged["model"]["0.weight"])
+    for checkpoint, expected in ((averaged, averaged["ema"]), (plain, plain["model"])):
+        engine = build_engine(TrainConfig.from_flat({"epochs": 2, "batch_size": 50, "batch_norm": True, "ema": 0.9}), small_data.shape,
+                              small_data.mean, small_data.std)
+        assert restore(engine, checkpoint, {}) == 1
+        assert all(torch.equal(value, expected[name]) for name, value in engine.average.model.state_dict().items())

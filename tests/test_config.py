@@ -5,8 +5,10 @@ import pytest
 
 from tune_cnn.config import InputShape, ModelConfig, TrainConfig
 from tune_cnn.errors import ConfigError
+from tune_cnn.space import load_space
+from tune_cnn.train import parse_settings
 
-from conftest import ROOT
+from conftest import ROOT, write_space
 
 CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
 
@@ -37,6 +39,12 @@ CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
         ({"weight_decay": float("inf")}, "weight_decay inf is out of range"),
         ({"lr": "fast"}, "lr 'fast' has the wrong type; expected a number, such as 0.001"),
         ({"filters": "(32, 64)"}, "filters '(32, 64)' has the wrong type; expected a list of integers, such as [32, 64, 64]"),
+        ({"ema": 1}, "ema 1.0 is out of range; use 0 <= ema < 1, such as 0.99"),
+        ({"ema": -0.5}, "ema -0.5 is out of range"),
+        ({"ema": float("nan")}, "ema nan is out of range"),
+        ({"ema": "slow"}, "ema 'slow' has the wrong type; expected a number"),
+        ({"tta": "rotate"}, "tta 'rotate' is not allowed; use one of: none, flip, flip_translate"),
+        ({"tta": True}, "tta 'True' is not allowed; use one of: none, flip, flip_translate"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(settings, words):
@@ -67,6 +75,22 @@ def test_the_training_recipes_settings_are_off_by_default_and_set_as_any_other()
     assert TrainConfig.from_flat(config.flat()) == config
     for schedule in ("constant", "triangular", "onecycle"):
         assert TrainConfig.from_flat({"schedule": schedule, "warmup": 0.3}).warmup == 0.3
+
+
+def test_the_weight_average_and_test_time_augmentation_are_off_by_default_and_set_from_the_command_line_and_a_space(tmp_path):
+    assert (TrainConfig().ema, TrainConfig().tta) == (0.0, "none")
+    config = TrainConfig.from_flat(parse_settings(["ema=0.99", "tta=flip"]))
+    assert (config.ema, config.tta) == (0.99, "flip") and TrainConfig.from_flat(config.flat()) == config
+    assert type(TrainConfig.from_flat({"ema": 0}).ema) is float
+    space = load_space(write_space(tmp_path, """
+        fixed: {ema: 9.9e-1}
+        space: {tta: [none, flip, flip_translate]}
+    """))
+    assert space.fixed == {"ema": 0.99} and space.space["tta"] == ("none", "flip", "flip_translate") and space.trial_count == 3
+    with pytest.raises(ConfigError, match=r"ema 1\.5 is out of range"):
+        TrainConfig(ema=1.5)
+    with pytest.raises(ConfigError, match=r"^tta 'mirror' is unknown; use one of none, flip, flip_translate$"):
+        TrainConfig(tta="mirror")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tune_cnn.config import TrainConfig
-from tune_cnn.engine import Bf16Weights, EpochTotals, StepGraph, augment_batch, build_engine, normalise_pixels, pixel_normalisation, train_step
+from tune_cnn.engine import (
+    Bf16Weights,
+    EpochTotals,
+    StepGraph,
+    augment_batch,
+    build_engine,
+    evaluate,
+    normalise_pixels,
+    pixel_normalisation,
+    train_step,
+)
 from tune_cnn.optim import step_lr
 
 from conftest import CUDA, synthetic_splits
@@ -236,6 +246,70 @@ def test_prediction_diagnostics_are_their_definitions_computed_plainly():
     assert all(n > 0 for n in moved), moved  # every epoch moved some images: the counts were tested on real changes
 
 
+def floating_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of a model's parameters and floating-point buffers (batch norm's running statistics), in float64."""
+    return [t.detach().double().clone() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+
+
+def test_the_weight_average_is_the_closed_form_of_the_raw_weights_after_each_step(monkeypatch):
+    """After k steps, average = ema^k w_0 + (1 - ema) * sum over j of ema^(k - j) w_j, w_j the raw weights (and batch
+    norm statistics) after step j; training runs on the raw weights, bit for bit as without the average, and
+    evaluation runs the average. 106 images in batches of 32: three full steps and a short one an epoch."""
+    data = synthetic_splits(train=106, val=50, test=10)
+    settings = {"device": "cpu", "batch_size": 32, "batch_norm": True, "dropout": 0.2, "lr": 3e-3}
+    ema = 0.8
+    engine = build_engine(TrainConfig.from_flat({**settings, "ema": ema}), data.shape, data.mean, data.std)
+    raw, step = [floating_state(engine.model)], engine.optimizer.step
+    monkeypatch.setattr(engine.optimizer, "step", lambda: (step(), raw.append(floating_state(engine.model))))
+    train = engine.put(data.train)
+    losses = [engine.train_epoch(train) for _ in range(2)]
+    k = len(raw) - 1
+    assert k == 8
+    closed_form = [ema**k * w0 + sum((1 - ema) * ema ** (k - j) * raw[j][i] for j in range(1, k + 1)) for i, w0 in enumerate(raw[0])]
+    averaged = floating_state(engine.average.model)
+    assert len(averaged) == len(closed_form) > len(list(engine.model.parameters()))  # the running statistics too
+    for a, b in zip(averaged, closed_form):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    plain = build_engine(TrainConfig.from_flat(settings), data.shape, data.mean, data.std)
+    assert plain.average is None and [plain.train_epoch(plain.put(data.train)) for _ in range(2)] == losses
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), engine.model.parameters()))
+    val = engine.put(data.val)
+    by_average, by_raw = evaluate(engine.average.model, val, 1000), evaluate(engine.model, val, 1000)
+    assert engine.evaluate(val)["loss"] == by_average["loss"] != by_raw["loss"]
+
+
+def shifted_views(x: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """airbench94's six views of TTA level 2, weighted: the images and their mirror images, a quarter each; the images
+    shifted by one pixel down and right and up and left over NumPy's reflected border, and their mirror images, an
+    eighth each."""
+    h, w = x.shape[2:]
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    views = [x, padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+    return [(weight, image) for weight, view in zip((0.25, 0.125, 0.125), views) for image in (view, view[:, :, :, ::-1])]
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_translate"])
+def test_test_time_augmentation_reports_the_diagnostics_of_the_averaged_logits(tta):
+    """Against a plain reference: the model run on each view of the whole split at once, its logits averaged."""
+    data = synthetic_splits(train=64, val=150, test=10, seed=2)
+    data.val.y[:40] = (data.val.y[:40] + 1) % 4  # wrong answers, so that every diagnostic has images
+    engine = build_engine(TrainConfig.from_flat({"device": "cpu", "batch_size": 32, "eval_batch_size": 64, "tta": tta}), data.shape,
+                          data.mean, data.std)
+    engine.train_epoch(engine.put(data.train))
+    val = engine.put(data.val)
+    views = {"none": [(1.0, data.val.x)], "flip": [(0.5, data.val.x), (0.5, data.val.x[:, :, :, ::-1])], "flip_translate": shifted_views(data.val.x)}[tta]
+    engine.model.eval()
+    with torch.no_grad():
+        logits = sum(weight * engine.model(val.normalise(torch.from_numpy(view.copy()))).double() for weight, view in views)
+    expected = reference_diagnostics(logits.numpy(), data.val.y, np.zeros(len(val), dtype=bool))
+    measured = engine.evaluate(val)
+    for name in ("loss", "acc", "loss_right", "loss_wrong", "conf_right", "conf_wrong", "ece"):
+        assert measured[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+    assert measured["learned"] == expected["learned"] and 0 < measured["acc"] < 1
+    if tta != "none":
+        assert measured["loss"] != evaluate(engine.model, val, 64)["loss"]  # the views changed the prediction
+
+
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
 
 
@@ -334,3 +408,21 @@ def test_batches_gathered_into_the_cuda_graph_train_bit_for_bit_as_copied_in(sma
         runs.append([engine.train_epoch(data) for _ in range(3)])
         assert engine.graph.replays == 3 * 9 - 3
     assert runs[0] == runs[1]  # the same batches into the same captured step
+
+
+@CUDA
+def test_the_cuda_graphs_replays_update_the_weight_average(small_data):
+    """The average's update is captured with the step: after three eager warm-up steps, the capture (replayed at once)
+    and four more replays, the average is the closed form of the raw weights after each of the eight steps."""
+    ema = 0.9
+    engine = build_engine(TrainConfig.from_flat({"batch_size": 64, "device": "cuda", "precision": "fp32", "batch_norm": True, "ema": ema}),
+                          small_data.shape, small_data.mean, small_data.std)
+    data = engine.put(small_data.train)
+    raw = [floating_state(engine.model)]
+    for start in range(0, 8 * 64, 64):
+        engine.graph.step(data.x[start : start + 64], data.y[start : start + 64])
+        raw.append(floating_state(engine.model))
+    assert engine.graph.eager_steps == 3 and engine.graph.replays == 5
+    closed_form = [ema**8 * w0 + sum((1 - ema) * ema ** (8 - j) * raw[j][i] for j in range(1, 9)) for i, w0 in enumerate(raw[0])]
+    for a, b in zip(floating_state(engine.average.model), closed_form):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,8 @@ from conftest import make_image_folder
 CIFAR = InputShape(channels=3, height=32, width=32, classes=10)
 
 
-@pytest.mark.parametrize("settings, copies", [({"optimizer": "adam"}, 4), ({"optimizer": "sgd"}, 3), ({"optimizer": "sgd", "momentum": 0.0}, 2)])
+@pytest.mark.parametrize("settings, copies", [({"optimizer": "adam"}, 4), ({"optimizer": "sgd"}, 3), ({"optimizer": "sgd", "momentum": 0.0}, 2),
+                                              ({"optimizer": "nesterov", "ema": 0.99}, 4)])
 def test_weights_count_the_parameters_their_gradients_and_the_optimizers_state(settings, copies):
     config = TrainConfig.from_flat(settings)
     estimate = trial_memory(config, CIFAR, images=60_000)

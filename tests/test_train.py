@@ -75,7 +75,8 @@ def test_a_per_step_schedule_reports_each_epochs_last_step_rate_and_trains(small
                                       {"schedule": "cosine"},
                                       {"schedule": "triangular", "warmup": 0.3, "optimizer": "nesterov", "lr": 0.05, "label_smoothing": 0.1,
                                        "augment": "flip_translate"},
-                                      {"schedule": "onecycle", "warmup": 0.25, "augment": "translate"}, {"warmup": 0.5}])
+                                      {"schedule": "onecycle", "warmup": 0.25, "augment": "translate"}, {"warmup": 0.5},
+                                      {"ema": 0.9, "batch_norm": True, "tta": "flip_translate"}])
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
     straight = train(config, small_data, quiet(tmp_path / "straight"))
@@ -122,6 +123,20 @@ def test_cli_resume_takes_the_checkpoints_settings(image_folder, decode_cache, t
     with pytest.raises(SystemExit):
         train_main(["--data", str(image_folder), "--resume", str(tmp_path / "run" / "epoch_003")])
     assert capsys.readouterr().err.startswith("error: the checkpoint is at epoch 3 and epochs is 3, so nothing is left to train; set epochs above 3")
+
+
+def test_the_weight_average_and_test_time_augmentation_change_the_evaluation_only(small_data, image_folder, decode_cache, tmp_path):
+    """Training runs on the raw weights, bit for bit as without them; the evaluated splits' metrics are another
+    model's. From the command line as any other setting."""
+    base = {"epochs": 2, "batch_size": 50}
+    runs = {name: train(TrainConfig.from_flat({**base, **settings}), small_data, quiet(tmp_path / name))
+            for name, settings in (("plain", {}), ("ema", {"ema": 0.9}), ("tta", {"tta": "flip"}))}
+    for name in ("ema", "tta"):
+        assert [(m["train_loss"], m["train_acc"]) for m in runs[name]] == [(m["train_loss"], m["train_acc"]) for m in runs["plain"]]
+        assert runs[name][-1]["val_loss"] != runs["plain"][-1]["val_loss"] and runs[name][-1]["val_acc"] > 0.9
+    train_main(["--data", str(image_folder), "--checkpoints", str(tmp_path / "cli"), "--set", "ema=0.99", "tta=flip", "epochs=1", "padding=same"])
+    checkpoint = load_checkpoint(tmp_path / "cli" / "epoch_001")
+    assert (checkpoint["config"]["ema"], checkpoint["config"]["tta"]) == (0.99, "flip") and set(checkpoint["ema"]) == set(checkpoint["model"])
 
 
 def test_cli_resume_of_a_sweeps_checkpoint_trains_on_the_sweeps_split(image_folder, decode_cache, tmp_path, capsys):

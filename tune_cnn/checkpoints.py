@@ -2,7 +2,7 @@
 can continue a config on a data set.
 
 A checkpoint file holds the model, the optimizer, the random-number states, the epoch, the settings and the data
-split with its fingerprint; it loads with torch.load(weights_only=True), so a checkpoint file cannot run code.
+split with its fingerprint (and, with ema, the averaged weights); it loads with torch.load(weights_only=True), so a checkpoint file cannot run code.
 """
 from __future__ import annotations
 
@@ -29,24 +29,30 @@ Checkpoint = Mapping[str, Any]
 
 
 def save_checkpoint(folder: Path, engine: Engine, epoch: int, data: DataSplits, evaluated: Mapping[str, DeviceData]) -> None:
-    """The engine's state after `epoch` into folder/checkpoint.pt, with the settings, the data's split, and which
-    images of each `evaluated` split the model got right (for the next epoch's forgotten and learned)."""
+    """The engine's state after `epoch` into folder/checkpoint.pt, with the settings, the data's split, which
+    images of each `evaluated` split the model got right (for the next epoch's forgotten and learned), and with ema the
+    averaged weights (under "ema", in the model's layout)."""
+    averaged = {"ema": engine.average.model.state_dict()} if engine.average else {}
     torch.save(
         {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(), "epoch": epoch,
          "rng": _rng_state(engine.shuffle, engine.device), "config": engine.config.flat(),
          "data": {**data.split, "shape": list(astuple(data.shape)), "images": data.fingerprint},
-         "correct": {name: split.last_correct.cpu() for name, split in evaluated.items() if split.last_correct is not None}},
+         "correct": {name: split.last_correct.cpu() for name, split in evaluated.items() if split.last_correct is not None}, **averaged},
         folder / CHECKPOINT_FILE,
     )
 
 
 def restore(engine: Engine, checkpoint: Checkpoint, evaluated: Mapping[str, DeviceData]) -> int:
     """The checkpoint's weights, optimizer state, random-number states and each `evaluated` split's last right
-    images (unknown where the checkpoint did not keep them) into `engine` and the splits; returns its epoch. One
-    ConfigError where the weights do not fit the model (an edited file)."""
+    images (unknown where the checkpoint did not keep them) into `engine` and the splits; returns its epoch. With ema,
+    its averaged weights too, or, from a checkpoint without them (trained without ema), its weights: the average
+    starts there, as a fresh run's starts at its initial weights. One ConfigError where the weights do not fit the
+    model (an edited file)."""
     try:
         engine.model.load_state_dict(checkpoint["model"])
         engine.optimizer.load_state_dict(checkpoint["optimizer"])
+        if engine.average:
+            engine.average.model.load_state_dict(checkpoint.get("ema", checkpoint["model"]))
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"the checkpoint's weights do not fit its model ({first_line(error)}); pass a checkpoint written by train or a sweep") from None
     _restore_rng(checkpoint, engine.shuffle, engine.device, engine.config.seed)

@@ -29,6 +29,8 @@ Padding = Literal["valid", "same"]
 Schedule = Literal["constant", "cosine", "triangular", "onecycle"]
 SCHEDULES = get_args(Schedule)
 Pooling = Literal["max", "avg"]
+Tta = Literal["none", "flip", "flip_translate"]  # test-time augmentation: engine.predict
+TTAS = get_args(Tta)
 MAX_EPOCHS = 10_000  # 100 times the longest shipped space's epochs, and days of the seed model on a GPU
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds 0 .. 2**32 - 1
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -133,6 +135,8 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = True  # on CUDA only; see StepGraph
     eval_batch_size: int = 1000
+    ema: float = 0.0  # evaluate an exponential moving average of the weights, updated every step (0: the raw weights): engine.WeightAverage
+    tta: Tta = "none"  # average the evaluated logits over flipped (and shifted) views: engine.predict
 
     def __post_init__(self) -> None:
         checks = [
@@ -156,6 +160,8 @@ class TrainConfig:
             (self.augment in AUGMENTATIONS, f"augment '{self.augment}' is unknown; use one of {', '.join(AUGMENTATIONS)}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision '{self.precision}' is unknown; use auto, fp32 or bf16"),
             (self.eval_batch_size >= 1, f"eval_batch_size {self.eval_batch_size} is out of range; use an integer >= 1"),
+            (0 <= self.ema < 1, f"ema {self.ema} is out of range; use 0 <= ema < 1, such as 0.99"),
+            (self.tta in TTAS, f"tta '{self.tta}' is unknown; use one of {', '.join(TTAS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,11 +3,13 @@
 The whole data set stays on the training device as uint8; whole batches are shuffled and augmented there,
 normalised on the fly, and the epoch's loss and accuracy are summed on the device, so the hot loop is one gather,
 one forward, one backward and one optimizer step per batch: no DataLoader, no per-image Python. On CUDA that step
-is captured once as a CUDA graph and replayed (StepGraph). Why each choice, with its measurements:
-benchmarks/README.md.
+is captured once as a CUDA graph and replayed (StepGraph). Two optional steps of the airbench recipe: an average of
+the weights that evaluation runs (ema: WeightAverage), and test-time augmentation (tta: predict). Why each choice,
+with its measurements: benchmarks/README.md.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
 NO_AUTOCAST = nullcontext()  # fp32: reusable, as a context manager that does nothing is
 TRANSLATE_PAD = 2  # augment translate's largest shift, airbench94's
+TTA_SHIFT = 1  # tta flip_translate's shift, airbench94's
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,6 +141,7 @@ class Engine:
     scale: torch.Tensor  # the pixel normalisation: pixel_normalisation
     shift: torch.Tensor
     graph: StepGraph | None  # with cuda_graph on CUDA: the captured training step
+    average: WeightAverage | None  # with ema: the averaged weights, which evaluation runs
     epoch: int = 1  # the epoch train_epoch trains (from 1): start_epoch
 
     def put(self, arrays: Arrays) -> DeviceData:
@@ -151,10 +155,12 @@ class Engine:
         self.optimizer.set_lr(scheduled_lr(self.config.schedule, self.config.lr, epoch, self.config.epochs))
 
     def train_epoch(self, data: DeviceData) -> tuple[float, float]:
-        return train_epoch(self.step, self.optimizer, data, self.config, self.shuffle, self.autocast, self.graph, self.epoch)
+        return train_epoch(self.step, self.optimizer, data, self.config, self.shuffle, self.autocast, self.graph, self.epoch, self.average)
 
     def evaluate(self, data: DeviceData) -> dict[str, float]:
-        return evaluate(self.model, data, eval_batch_size(self.config, self.device), self.autocast)
+        """`data`'s metrics (evaluate) by the model evaluation runs: the averaged weights with ema, else the raw ones."""
+        model = self.average.model if self.average else self.model
+        return evaluate(model, data, eval_batch_size(self.config, self.device), self.autocast, self.config.tta)
 
 
 def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], std: Sequence[float],
@@ -178,13 +184,14 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
     step = compiled(model, config, device)
     scale, shift = pixel_normalisation(mean, std, device)
+    average = WeightAverage(model, config.ema) if config.ema else None
     graph = None
     if config.cuda_graph and device.type == "cuda":
         bf16_weight_copies = bf16 and not config.compile
         graph = StepGraph(Bf16Weights(step) if bf16_weight_copies else step, optimizer, autocast, scale, shift,
                           (config.batch_size, shape.channels, shape.height, shape.width), torch.bfloat16 if bf16_weight_copies else None,
-                          config.label_smoothing)
-    return Engine(config, device, model, step, optimizer, shuffle, autocast, scale, shift, graph)
+                          config.label_smoothing, average)
+    return Engine(config, device, model, step, optimizer, shuffle, autocast, scale, shift, graph, average)
 
 
 def keep_freed_memory() -> None:
@@ -217,9 +224,11 @@ def eval_batch_size(config: TrainConfig, device: torch.device) -> int:
 
 
 def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, config: TrainConfig,
-                generator: torch.Generator, autocast, graph: StepGraph | None = None, epoch: int = 1) -> tuple[float, float]:
+                generator: torch.Generator, autocast, graph: StepGraph | None = None, epoch: int = 1,
+                average: WeightAverage | None = None) -> tuple[float, float]:
     """One shuffled pass; returns the mean training loss (label-smoothed where config smooths it) and accuracy. With
-    `graph`, full batches replay the captured step and only a short last batch runs eagerly. With a per-step
+    `graph`, full batches replay the captured step (`average`'s update in it) and only a short last batch runs eagerly,
+    updating `average` after its step too. With a per-step
     schedule each step sets its own rate (optim.step_lr), step (epoch - 1) * batches + i of epochs * batches, so the
     optimizer's rate after the pass (the epoch's reported lr) is the last step's."""
     model.train()
@@ -245,7 +254,7 @@ def train_epoch(model: nn.Module, optimizer: FusedOptimizer, data: DeviceData, c
         if full:
             graph.step(x, y)
         else:
-            train_step(model, optimizer, data.normalise, x, y, autocast, totals, config.label_smoothing)
+            train_step(model, optimizer, data.normalise, x, y, autocast, totals, config.label_smoothing, average)
     return totals.loss.item() / seen, totals.correct.item() / seen
 
 
@@ -262,17 +271,44 @@ class EpochTotals:
 
 
 def train_step(model: nn.Module, optimizer: FusedOptimizer, normalise: Callable[[torch.Tensor], torch.Tensor],
-               x: torch.Tensor, y: torch.Tensor, autocast, totals: EpochTotals, label_smoothing: float = 0.0) -> None:
-    """One optimizer step on a uint8 batch, adding its loss and correct count to `totals`. `label_smoothing` is
-    F.cross_entropy's (0: the plain loss), a regulariser for training only, which keeps the logits from growing."""
+               x: torch.Tensor, y: torch.Tensor, autocast, totals: EpochTotals, label_smoothing: float = 0.0,
+               average: WeightAverage | None = None) -> None:
+    """One optimizer step on a uint8 batch, adding its loss and correct count to `totals`, then `average`'s update.
+    `label_smoothing` is F.cross_entropy's (0: the plain loss), a regulariser for training only, which keeps the logits
+    from growing."""
     with autocast:
         logits = model(normalise(x))
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    if average is not None:
+        average.update()
     totals.loss.add_(loss.detach(), alpha=len(y))
     totals.correct.add_((logits.argmax(1) == y).sum())
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, in a copy of the model that evaluation runs while training
+    goes on with the raw weights: after every optimizer step, average = ema * average + (1 - ema) * weights, starting
+    from the initial weights (with no bias correction: their share after k steps is ema^k, so 1 / (1 - ema) should be
+    well below the run's steps). Averaged weights sit nearer the middle of the valley the last steps wander in, which
+    tends to evaluate better than any one step's.
+
+    What is averaged: the parameters and every floating-point buffer, batch norm's running mean and variance included
+    (as timm's ModelEmaV2 and torch's AveragedModel with use_buffers do), so the statistics follow the averaged weights
+    rather than the last step's alone; the copy's integer num_batches_tracked stays at 0 (batch norm reads it only with
+    momentum None). The update is one multi-tensor lerp on the device, with no host sync; within a CUDA
+    graph it is captured with the step that precedes it (train_step calls it), so a replay updates the average too.
+    """
+
+    def __init__(self, model: nn.Module, ema: float):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.weight = 1.0 - ema
+        self.averaged, self.raw = ([t.detach() for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()] for m in (self.model, model))
+
+    def update(self) -> None:
+        torch._foreach_lerp_(self.averaged, self.raw, self.weight)
 
 
 class StepGraph:
@@ -290,14 +326,15 @@ class StepGraph:
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], optimizer: FusedOptimizer, autocast: Any,
                  scale: torch.Tensor, shift: torch.Tensor, batch_shape: tuple[int, int, int, int], input_dtype: torch.dtype | None = None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, average: WeightAverage | None = None):
         """`forward`: the model (or Bf16Weights of it); `batch_shape`: (batch, channels, height, width); `input_dtype`:
-        bf16 to normalise the input straight to bf16, as Bf16Weights wants it; `label_smoothing`: train_step's."""
+        bf16 to normalise the input straight to bf16, as Bf16Weights wants it; `label_smoothing`, `average`: train_step's
+        (the average's update is captured in the graph, on tensors that stay where they are)."""
         device = scale.device
         self.x = torch.zeros(batch_shape, dtype=torch.uint8, device=device).contiguous(memory_format=torch.channels_last)
         self.y = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
         self.totals = EpochTotals(device)
-        self.forward, self.optimizer, self.autocast, self.label_smoothing = forward, optimizer, autocast, label_smoothing
+        self.forward, self.optimizer, self.autocast, self.label_smoothing, self.average = forward, optimizer, autocast, label_smoothing, average
         self.normalise = partial(normalise_pixels, scale=scale, shift=shift, dtype=input_dtype)
         self.eager_steps, self.replays = 0, 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -339,7 +376,7 @@ class StepGraph:
         self.captured_grads = [p.grad for p in self.optimizer.params]
 
     def _train_step(self) -> None:
-        train_step(self.forward, self.optimizer, self.normalise, self.x, self.y, self.autocast, self.totals, self.label_smoothing)
+        train_step(self.forward, self.optimizer, self.normalise, self.x, self.y, self.autocast, self.totals, self.label_smoothing, self.average)
 
 
 class Bf16Weights:
@@ -382,9 +419,9 @@ def _copies(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.
 
 
 @torch.inference_mode()  # faster than no_grad on the CPU
-def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast: Any = NO_AUTOCAST) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast: Any = NO_AUTOCAST, tta: str = "none") -> dict[str, Any]:
     """A split's metrics by name (each epoch reports them as `<split>_<name>`), in evaluation mode, in large batches,
-    summed on the device in this one pass and read back once:
+    summed on the device in this one pass and read back once, all of them from the prediction `tta` makes (predict):
 
     - `loss`, `acc`: mean cross-entropy and accuracy;
     - `loss_right`, `loss_wrong`, `conf_right`, `conf_wrong`: mean cross-entropy and mean top-class probability over
@@ -404,7 +441,7 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast: Any 
     for start in range(0, len(data), batch_size):
         x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
         with autocast:
-            logits = model(data.normalise(x))
+            logits = predict(model, data.normalise(x), tta)
         _add_predictions(logits.float().log_softmax(1), y, sums, bins, right[start : start + batch_size])
     previous, data.last_correct = data.last_correct, right
     unknown = torch.full((2,), math.nan, device=device)
@@ -412,6 +449,29 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int, autocast: Any 
     numbers = torch.cat([sums, transitions, bins.flatten()]).tolist()  # the one read back from the device
     return _split_metrics(numbers[:4], numbers[4:6], [numbers[6 + i * CALIBRATION_BINS : 6 + (i + 1) * CALIBRATION_BINS] for i in range(3)],
                           len(data))
+
+
+def predict(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The model's logits for a normalised batch: as they are (tta none), or averaged over test-time augmentations, as
+    airbench94's TTA levels 1 and 2 average them: flip, the image and its mirror image, half each; flip_translate, half
+    that and half the same for the image shifted by TTA_SHIFT pixel down and right and for it shifted up and left (the
+    border reflected), a quarter each. Logits, not probabilities, are averaged, as airbench does, so that its accuracy
+    is what this reports; the diagnostics come from the softmax of the average. The views' errors partly cancel, so
+    their average is right more often than the image alone."""
+    if tta == "none":
+        return model(x)
+    mirrored = _mirrored(model, x)
+    if tta == "flip":
+        return mirrored
+    height, width = x.shape[2:]
+    padded = F.pad(x, (TTA_SHIFT,) * 4, mode="reflect")
+    moved = padded[:, :, : height, : width], padded[:, :, 2 * TTA_SHIFT :, 2 * TTA_SHIFT :]
+    return 0.5 * mirrored + 0.25 * (_mirrored(model, moved[0]) + _mirrored(model, moved[1]))
+
+
+def _mirrored(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean of the model's float32 logits for the batch and for its mirror image (flipped left to right)."""
+    return 0.5 * (model(x).float() + model(x.flip(3)).float())
 
 
 def _add_predictions(log_probs: torch.Tensor, y: torch.Tensor, sums: torch.Tensor, bins: torch.Tensor, right: torch.Tensor) -> None:

@@ -44,7 +44,8 @@ def trial_memory(config: TrainConfig, shape: InputShape, images: int) -> MemoryE
     """The estimate for `config` on `images` images (all splits) of `shape`."""
     size = family(config.model.model).size(config.model, shape)
     states = 2 if config.optimizer == "adam" else (1 if config.momentum else 0)  # Adam's two moments; SGD's momentum
-    weights = size.parameters * FLOAT_BYTES * (2 + states)
+    averaged = 1 if config.ema else 0  # the weight average's copy (engine.WeightAverage)
+    weights = size.parameters * FLOAT_BYTES * (2 + states + averaged)
     training = 2 * size.activations * config.batch_size  # kept for backward, and their gradients
     evaluation = size.activations * min(config.eval_batch_size, images)
     data = images * shape.channels * shape.height * shape.width

@@ -125,8 +125,9 @@ class Run:
 def train(config: TrainConfig, data: DataSplits, report: Reporter = print_report, resume: Checkpoint | None = None) -> list[Metrics]:
     """Train `config` on `data`; call `report(metrics, checkpoint_folder_or_None)` after every epoch.
 
-    Metrics per epoch: epoch, train_loss, train_acc (over the epoch, in training mode), val_loss, val_acc,
-    test_loss, test_acc, epoch_seconds (the whole epoch: training pass and evaluation), images_per_second
+    Metrics per epoch: epoch, train_loss, train_acc (over the epoch, in training mode, of the raw weights), val_loss,
+    val_acc, test_loss, test_acc and their diagnostics (of the averaged weights with ema, from the averaged views with
+    tta: Engine.evaluate), epoch_seconds (the whole epoch: training pass and evaluation), images_per_second
     (training images over the training pass's seconds) and lr. A checkpoint is due every
     `checkpoint_every` epochs and at the last; `resume` (from load_checkpoint) continues at the next epoch.
     """
