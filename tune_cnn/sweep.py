@@ -19,13 +19,12 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tune_cnn.claim import Claim
 from tune_cnn.cluster import ray_session, trial_resources, warn_if_storage_is_not_shared
-from tune_cnn.config import InputShape, TrainConfig, from_environment
+from tune_cnn.config import TrainConfig, from_environment
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
 from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, byte_size, exit_on_user_error
 from tune_cnn.experiment import ExperimentFolder, Metadata, comparable_data, save_reports, saved_reports
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run_sweep(space, data, experiment, metadata, args)
             claim.release()  # no trial runs now: the analysis reads an interrupted sweep's trials as interrupted
             experiment.check_writable()  # trials that could not save have errored; say why, once
-            return report_results(results, space, experiment, plotters)
+            return report_results(results, space, data, experiment, plotters)
 
 
 def sweep_metadata(space: SearchSpace, data: DataSplits) -> Metadata:
@@ -328,21 +327,7 @@ def not_tunes_restore_advice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
-@dataclass(frozen=True)
-class SweepResults:
-    """Ray Tune's results (a ResultGrid, iterated as it) with the data's shape and image count, from which the end
-    of the sweep estimates what a trial killed for memory needed (tune_cnn.memory)."""
-
-    grid: Any
-    shape: InputShape
-    images: int
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.grid)
-
-
-def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, metadata: Metadata,
-              args: argparse.Namespace) -> SweepResults:
+def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, metadata: Metadata, args: argparse.Namespace):
     """Run (or resume) the sweep's Tuner; a trial that Ray's memory monitor kills fails and is retried like any."""
     from ray.tune import Tuner
 
@@ -362,13 +347,13 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder
         tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
     # A restored Tuner keeps its own loggers, and would get Tune's defaults too.
     with only_our_loggers(), memory_kills_as_trial_failures():
-        return SweepResults(tuner.fit(), data.shape, data.images)
+        return tuner.fit()
 
 
 # --- The end of a sweep ------------------------------------------------------------------------------------
 
 
-def report_results(results: SweepResults, space: SearchSpace, experiment: ExperimentFolder, plotters: Executor | None = None) -> int:
+def report_results(results, space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, plotters: Executor | None = None) -> int:
     """Print the experiment folder, the best trials and the analysis; 0 if every trial finished, else 1."""
     from tune_cnn.ray_failures import killed_for_memory
 
@@ -379,7 +364,7 @@ def report_results(results: SweepResults, space: SearchSpace, experiment: Experi
         print(f"{len(failed)} trial(s) errored: {names}; see error.txt in their folders", file=sys.stderr)
     for result in failed:
         if killed_for_memory(result.error):
-            print(killed_for_memory_line(result, results), file=sys.stderr)
+            print(killed_for_memory_line(result, data), file=sys.stderr)
     # After Ctrl-C, Tune saves its state, then marks the trials it stops TERMINATED in memory: the saved state counts.
     saved = experiment.saved_state(experiment.storage.listing()[0]).trials.values()
     unfinished = space.trial_count - sum(status in ("TERMINATED", "ERROR") for _, status in saved)
@@ -388,10 +373,10 @@ def report_results(results: SweepResults, space: SearchSpace, experiment: Experi
     return 1 if failed or unfinished > 0 else 0
 
 
-def killed_for_memory_line(result: Any, results: SweepResults) -> str:
+def killed_for_memory_line(result: Any, data: DataSplits) -> str:
     """The line for a trial (a Tune Result) that Ray's memory monitor killed on its last try: what it needed, as
     tune_cnn.memory estimates it from its settings, since the node's memory ran out with the trials running at once."""
-    needed = trial_memory(TrainConfig.from_flat(result.config), results.shape, results.images).total
+    needed = trial_memory(TrainConfig.from_flat(result.config), data.shape, data.images).total
     return (f"{Path(result.path).name} was killed for memory: about {byte_size(needed)} needed per trial; "
             f"lower --max-concurrent or ask for more CPUs per trial (--cpus-per-trial)")
 

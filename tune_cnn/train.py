@@ -117,7 +117,8 @@ class Run:
                         report(metrics, Path(folder))
                 else:
                     report(metrics, None)
-                if diverged(metrics):
+                if not math.isfinite(metrics["train_loss"]):  # every later epoch would be NaN too
+                    warn_diverged(metrics)
                     break
         return history
 
@@ -134,14 +135,11 @@ def train(config: TrainConfig, data: DataSplits, report: Reporter = print_report
     return Run.prepare(config, resume).train(data, report)
 
 
-def diverged(metrics: Metrics) -> bool:
-    """Whether the epoch's training loss is no longer a number (a learning rate too high for the model): the run
-    stops after reporting it, with one line on stderr, since every later epoch would be NaN too."""
-    if math.isfinite(metrics["train_loss"]):
-        return False
+def warn_diverged(metrics: Metrics) -> None:
+    """One line on stderr for the epoch whose training loss is no longer a number (a learning rate too high for the
+    model), after which the run stops."""
     print(f"warning: training diverged at epoch {metrics['epoch']} (training loss {metrics['train_loss']}); the run stops here; "
           f"a lower lr may fix it", file=sys.stderr, flush=True)
-    return True
 
 
 def check_trial_memory(config: TrainConfig, data: DataSplits, device: torch.device) -> None:

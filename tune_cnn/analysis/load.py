@@ -172,7 +172,7 @@ def _status(reports: list[Report], epochs: int, state: str | None, has_error_fil
     if state == "ERROR":
         return ERRORED
     if reports and not np.isfinite(reports[-1].get("train_loss", 0.0)):
-        return DIVERGED  # the trial stopped itself there (tune_cnn.train.diverged)
+        return DIVERGED  # the trial stopped itself there (tune_cnn.train.Run.train)
     if last_epoch >= epochs:
         return FINISHED
     if state == "TERMINATED":
