@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tune_cnn.errors import ConfigError
@@ -180,9 +180,8 @@ class Claim:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            beat = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
             try:
-                self.storage.write_text(CLAIM_FILE, beat.to_text())
+                self.storage.write_text(CLAIM_FILE, replace(self.holder, heartbeat=time.time()).to_text())
             except OSError:  # storage lost for a while: the trials' own saves will say so
                 continue
 

@@ -322,7 +322,6 @@ class ExperimentFolder:
     def location(self) -> str:
         return self.storage.location
 
-
     def top_level(self) -> tuple[list[str], list[str]]:
         """The folder's files and its trial folders: those with params.json, or only a checkpoint so far (a driver
         killed early may not have uploaded the trial's files, while the trial saved its params and reports with it)."""
