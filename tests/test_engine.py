@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tune_cnn.config import TrainConfig
+from tune_cnn.config import InputShape, TrainConfig
+from tune_cnn.data import channel_statistics
 from tune_cnn.engine import (
+    WHITEN_EPS,
     Bf16Weights,
     EpochTotals,
     StepGraph,
@@ -311,6 +313,62 @@ def test_test_time_augmentation_reports_the_diagnostics_of_the_averaged_logits(t
 
 
 # --- On a CUDA GPU (the device machine; skipped elsewhere) ------------------------------------------------
+
+
+def correlated_images(n: int, channels: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 NCHW images whose neighbouring pixels and channels are correlated, as a photograph's are: noise summed
+    over 4x4 windows, plus a part shared by every channel."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(n, channels + 1, size + 3, size + 3))
+    smooth = sum(noise[:, :, dy : dy + size, dx : dx + size] for dy in range(4) for dx in range(4))
+    x = smooth[:, :channels] + smooth[:, channels:]
+    return np.clip(128 + 12 * x, 0, 255).astype(np.uint8)
+
+
+def patch_covariance(x: np.ndarray, k: int) -> np.ndarray:
+    """The covariance (about zero) of every k x k patch of float NCHW images, each patch's values in (c, kh, kw) order."""
+    n, c, h, w = x.shape
+    windows = np.stack([x[:, :, i : i + h - k + 1, j : j + w - k + 1] for i in range(k) for j in range(k)], 2)
+    patches = windows.reshape(n, c * k * k, -1).transpose(0, 2, 1).reshape(-1, c * k * k)
+    return patches.T @ patches / len(patches)
+
+
+@pytest.mark.parametrize("model, channels, filters, whitened", [("seed_cnn", 3, 32, 32), ("seed_cnn", 1, 32, 18), ("fast_resnet", 3, 24, 24)])
+def test_whiten_sets_the_first_filters_to_opposite_pairs_that_whiten_the_training_patches(model, channels, filters, whitened):
+    """Pair i's filter v has v C v^T = lambda_i / (lambda_i + eps), C the normalised patches' covariance (computed
+    plainly here) and lambda_i its i-th largest eigenvalue; distinct pairs are uncorrelated; filters beyond twice a
+    patch's values keep the same seed's initialisation."""
+    images = correlated_images(200, channels, 20)
+    mean, std = channel_statistics(images)
+    settings = {"device": "cpu", "model": model, **({"width_multiplier": 0.25} if model == "fast_resnet" else {})}
+    shape = InputShape(channels, 20, 20, 10)
+    plain = build_engine(TrainConfig.from_flat(settings), shape, mean, std)
+    engine = build_engine(TrainConfig.from_flat({**settings, "whiten": True}), shape, mean, std, train_images=images)
+    weight = next(m for m in engine.model.modules() if isinstance(m, torch.nn.Conv2d)).weight
+    assert weight.shape[0] == filters and not weight.requires_grad
+    normalised = (images / 255 - np.array(mean).reshape(1, -1, 1, 1)) / np.array(std).reshape(1, -1, 1, 1)
+    covariance = patch_covariance(normalised, weight.shape[-1])
+    eigenvalues = np.linalg.eigvalsh(covariance)[::-1][: whitened // 2]
+    v = weight.detach().double().numpy().reshape(filters, -1)
+    np.testing.assert_allclose(v[1:whitened:2], -v[0:whitened:2], rtol=0, atol=0)
+    np.testing.assert_allclose(v[0:whitened:2] @ covariance @ v[0:whitened:2].T, np.diag(eigenvalues / (eigenvalues + WHITEN_EPS)),
+                               rtol=0, atol=1e-4)
+    plain_weight = next(m for m in plain.model.modules() if isinstance(m, torch.nn.Conv2d)).weight
+    assert torch.equal(weight[whitened:], plain_weight[whitened:])
+
+
+def test_whitened_filters_stay_fixed_while_everything_else_trains():
+    data = synthetic_splits(train=120, val=20, test=20)
+    config = TrainConfig.from_flat({"device": "cpu", "batch_size": 40, "whiten": True, "optimizer": "nesterov", "lr": 0.05,
+                                    "weight_decay": 5e-4})
+    engine = build_engine(config, data.shape, data.mean, data.std, train_images=data.train.x)
+    before = dict((name, p.detach().clone()) for name, p in engine.model.named_parameters())
+    engine.train_epoch(engine.put(data.train))
+    first = next(name for name, m in engine.model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    changed = {name for name, p in engine.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == set(before) - {f"{first}.weight"} and f"{first}.bias" in changed
+    with pytest.raises(ValueError, match="train_images"):
+        build_engine(config, data.shape, data.mean, data.std)
 
 
 @CUDA

@@ -76,7 +76,8 @@ def test_a_per_step_schedule_reports_each_epochs_last_step_rate_and_trains(small
                                       {"schedule": "triangular", "warmup": 0.3, "optimizer": "nesterov", "lr": 0.05, "label_smoothing": 0.1,
                                        "augment": "flip_translate"},
                                       {"schedule": "onecycle", "warmup": 0.25, "augment": "translate"}, {"warmup": 0.5},
-                                      {"ema": 0.9, "batch_norm": True, "tta": "flip_translate"}])
+                                      {"ema": 0.9, "batch_norm": True, "tta": "flip_translate"}, {"whiten": True, "model": "fast_resnet",
+                                      "width_multiplier": 0.125, "optimizer": "nesterov", "lr": 0.05}])
 def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(small_data, tmp_path, settings):
     config = TrainConfig.from_flat({"epochs": 4, "checkpoint_every": 2, "batch_size": 50, **settings})
     straight = train(config, small_data, quiet(tmp_path / "straight"))

@@ -137,6 +137,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     ema: float = 0.0  # evaluate an exponential moving average of the weights, updated every step (0: the raw weights): engine.WeightAverage
     tta: Tta = "none"  # average the evaluated logits over flipped (and shifted) views: engine.predict
+    whiten: bool = False  # the first convolution's filters fixed to whiten the training images' patches: engine.whiten_first_convolution
 
     def __post_init__(self) -> None:
         checks = [

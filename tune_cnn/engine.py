@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +35,9 @@ CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration
 NO_AUTOCAST = nullcontext()  # fp32: reusable, as a context manager that does nothing is
 TRANSLATE_PAD = 2  # augment translate's largest shift, airbench94's
 TTA_SHIFT = 1  # tta flip_translate's shift, airbench94's
+WHITEN_IMAGES = 5000  # the training images whose patches whiten sets the first convolution from, airbench94's count
+WHITEN_EPS = 5e-4  # added to each eigenvalue before its inverse square root, airbench94's
+WHITEN_CHUNK = 500  # images unfolded at a time: 5,000 images' 3x3 patches at once would take half a gigabyte
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,9 +168,9 @@ class Engine:
 
 
 def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device | None = None) -> Engine:
+                 device: torch.device | None = None, train_images: np.ndarray | None = None) -> Engine:
     """Seed the run and build the model, optimizer and precision for `config` on `device` (default: the one
-    config.device names).
+    config.device names). With whiten, the first convolution is set from `train_images` (uint8, NCHW), which it needs.
 
     channels_last everywhere: faster on the CPU (NCHW max-pooling is slow there) and what tensor cores want. cuDNN
     picks its convolution algorithms by heuristics (torch's default), not by timing each (cudnn.benchmark), which
@@ -178,12 +182,16 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     torch.manual_seed(config.seed)
     shuffle = torch.Generator(device=device).manual_seed(config.seed)
     model = build_model(config.model, shape).to(device, memory_format=torch.channels_last)
+    scale, shift = pixel_normalisation(mean, std, device)
+    if config.whiten:
+        if train_images is None:
+            raise ValueError("whiten sets the first convolution from the training images; pass train_images")
+        whiten_first_convolution(model, torch.from_numpy(train_images[:WHITEN_IMAGES]).to(device), scale, shift)
     optimizer = make_optimizer(config, model)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     # No cast cache: each weight is cast once per step anyway, and cached casts must not outlive a graph capture.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
     step = compiled(model, config, device)
-    scale, shift = pixel_normalisation(mean, std, device)
     average = WeightAverage(model, config.ema) if config.ema else None
     graph = None
     if config.cuda_graph and device.type == "cuda":
@@ -192,6 +200,33 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
                           (config.batch_size, shape.channels, shape.height, shape.width), torch.bfloat16 if bf16_weight_copies else None,
                           config.label_smoothing, average)
     return Engine(config, device, model, step, optimizer, shuffle, autocast, scale, shift, graph, average)
+
+
+def whiten_first_convolution(model: nn.Module, images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Set the model's first convolution to whiten its input patches, and freeze it (whiten).
+
+    Its filters become the eigenvectors of the covariance of the normalised images' patches (of the convolution's
+    size), each divided by the square root of its eigenvalue, in pairs of opposite sign (v, -v: a ReLU-like activation
+    after it keeps both halves of each direction), the largest eigenvalues first, as airbench94 sets its first layer;
+    where the convolution has more filters than twice a patch's values, the rest keep their initialisation. Its weights
+    then stay fixed (the optimizer skips a parameter without a gradient); a bias trains. Decorrelated inputs of equal
+    variance make the first steps at a high learning rate as well conditioned as the later ones.
+    """
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    filters, channels, height, width = conv.weight.shape
+    covariance = torch.zeros(channels * height * width, channels * height * width, dtype=torch.float64, device=images.device)
+    patches = 0
+    for start in range(0, len(images), WHITEN_CHUNK):
+        x = normalise_pixels(images[start : start + WHITEN_CHUNK], scale, shift, torch.contiguous_format)
+        columns = F.unfold(x, (height, width)).transpose(1, 2).reshape(-1, covariance.shape[0]).double()
+        covariance += columns.T @ columns
+        patches += len(columns)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance / patches)  # ascending
+    scaled = (eigenvectors / (eigenvalues + WHITEN_EPS).sqrt()).T.flip(0)  # rows, the largest eigenvalue first
+    pairs = torch.stack([scaled, -scaled], 1).reshape(-1, channels, height, width)[:filters]
+    with torch.no_grad():
+        conv.weight[: len(pairs)] = pairs.to(conv.weight.dtype)
+    conv.weight.requires_grad_(False)
 
 
 def keep_freed_memory() -> None:

@@ -126,7 +126,7 @@ def epoch_seconds(config: TrainConfig, data: DataSplits, threads: int) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        engine = build_engine(config, data.shape, data.mean, data.std)
+        engine = build_engine(config, data.shape, data.mean, data.std, train_images=data.train.x)
         batch, eval_batch = config.batch_size, eval_batch_size(config, engine.device)
         sample = engine.put(data.train.take(list(range(min(len(data.train), (TIMED_BATCHES + WARMUP_BATCHES) * batch)))))
         engine.train_epoch(engine.put(data.train.take(list(range(min(len(data.train), WARMUP_BATCHES * batch))))))

@@ -103,7 +103,7 @@ class Run:
             check_same_data(data, self.resume)
         check_trial_memory(self.config, data, self.device)
         with allocation_failures_as_one_line(self.device):
-            engine = build_engine(self.config, data.shape, data.mean, data.std, self.device)
+            engine = build_engine(self.config, data.shape, data.mean, data.std, self.device, data.train.x)
             splits = {name: engine.put(getattr(data, name)) for name in SPLITS}
             evaluated = {name: splits[name] for name in EVALUATED}
             first_epoch = 1 if self.resume is None else restore(engine, self.resume, evaluated) + 1

@@ -78,7 +78,7 @@ def time_side_by_side(plan: Plan, data: DataSplits, sample: Arrays, folder: Path
 
 def engine_runner(config: TrainConfig, data: DataSplits, sample: Arrays, warmup: Arrays) -> Callable[[], tuple[float, float | None]]:
     """The first call warms up, later calls time one pass each."""
-    engine = build_engine(config, data.shape, data.mean, data.std)
+    engine = build_engine(config, data.shape, data.mean, data.std, train_images=data.train.x)
     on_device = iter([engine.put(warmup)])
     timed_data = engine.put(sample)
     return lambda: measured(lambda: engine.train_epoch(next(on_device, timed_data)), engine.device)
