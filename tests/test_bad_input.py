@@ -286,7 +286,7 @@ def test_any_document_loads_or_fails_with_a_config_error(text: str):
             assert "\n" not in str(error)
             return
     assert space.trial_count >= 1
-    for trial in space.grid_trials() if space.search == "grid" else []:
+    for trial in space.listed_trials() if space.lists_trials else []:
         TrainConfig.from_flat(trial)
 
 

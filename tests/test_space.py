@@ -48,7 +48,7 @@ def test_seed_space_is_the_seeds_experiment():
     space = load_space("seed")
     assert space.search == "grid" and space.metric == "val_acc" and space.mode == "max"
     assert space.swept == ["pooling", "conv_width"]
-    assert {(t["pooling"], t["conv_width"]) for t in space.grid_trials()} == {(p, w) for p in ("max", "avg") for w in (3, 5, 7)}
+    assert {(t["pooling"], t["conv_width"]) for t in space.listed_trials()} == {(p, w) for p in ("max", "avg") for w in (3, 5, 7)}
     assert space.trial_count == 6
     fixed = space.fixed
     assert (fixed["epochs"], fixed["checkpoint_every"], fixed["batch_size"], fixed["optimizer"], fixed["lr"]) == (30, 10, 32, "adam", 0.001)
@@ -72,7 +72,7 @@ def test_optuna_space_has_distributions_and_asha():
 
 def test_a_space_by_path_and_by_name_are_the_same(tmp_path: Path):
     copy = write_space(tmp_path, (SPACES_DIR / "seed.yaml").read_text())
-    assert load_space(copy).grid_trials() == load_space("seed").grid_trials()
+    assert load_space(copy).listed_trials() == load_space("seed").listed_trials()
 
 
 def test_overrides_merge_fixed_and_resources():
@@ -131,6 +131,43 @@ def test_a_space_sweeping_the_training_recipes_settings_loads_them_typed(tmp_pat
         space: {warmup: {uniform: [0.0, 0.5]}, label_smoothing: {uniform: [0.0, 0.3]}, optimizer: [sgd, nesterov]}
     """, "recipe_optuna.yaml"))
     assert optuna.space["warmup"] == Distribution("uniform", 0.0, 0.5) and optuna.optimizers == {"sgd", "nesterov"}
+
+
+def test_a_steps_space_runs_one_trial_per_step_each_with_every_change_before_it(tmp_path: Path):
+    path = write_space(tmp_path, """
+        search: steps
+        fixed: {epochs: 3, padding: same}
+        space:
+          - {}
+          - {batch_norm: true, dropout: 0.25}
+          - {augment: flip}
+          - {dropout: 0.1, lr: 3e-3}
+    """)
+    space = load_space(path)
+    assert space.trial_count == space.samples == 4 and space.lists_trials
+    assert space.swept == ["batch_norm", "dropout", "augment", "lr"]
+    assert space.steps == ({}, {"batch_norm": True, "dropout": 0.25}, {"augment": "flip"}, {"dropout": 0.1, "lr": 0.003})
+    base = {"epochs": 3, "padding": "same"}
+    assert space.listed_trials() == [
+        {**base, "batch_norm": False, "dropout": 0.0, "augment": "none", "lr": 0.001},
+        {**base, "batch_norm": True, "dropout": 0.25, "augment": "none", "lr": 0.001},
+        {**base, "batch_norm": True, "dropout": 0.25, "augment": "flip", "lr": 0.001},
+        {**base, "batch_norm": True, "dropout": 0.1, "augment": "flip", "lr": 0.003},
+    ]
+    assert space.space == {"batch_norm": (False, True), "dropout": (0.0, 0.25, 0.1), "augment": ("none", "flip"), "lr": (0.001, 0.003)}
+    space.check_models(CIFAR_SHAPE)
+
+
+def test_a_steps_space_checks_each_trials_model_not_every_combination(tmp_path: Path):
+    """A step to another family leaves the earlier family's settings behind: each trial's model fits, though mixing the
+    values of different steps (seed_cnn at width_multiplier 0.5) would not."""
+    path = write_space(tmp_path, """
+        search: steps
+        space: [{}, {model: fast_resnet, width_multiplier: 0.5}]
+    """)
+    space = load_space(path)
+    space.check_models(CIFAR_SHAPE)
+    assert [t["model"] for t in space.listed_trials()] == ["seed_cnn", "fast_resnet"]
 
 
 def test_int_distributions_are_inclusive_and_checked_value_by_value(tmp_path: Path):
@@ -209,6 +246,14 @@ BAD_SPACES = {
     "a warm-up for the cosine schedule": ("fixed: {schedule: cosine}\nspace: {warmup: [0.0, 0.1]}\n",
                                           r"space\.warmup: warmup does not apply to schedule cosine, which sets one rate per epoch"),
     "label smoothing out of range": ("space: {label_smoothing: [0.1, 1.0]}\n", r"space\.label_smoothing: label_smoothing 1\.0 is out of range"),
+    "steps not a list": ("search: steps\nspace: {lr: [0.1]}\n", r"space: a steps search lists its steps, each a mapping"),
+    "a step not a mapping": ("search: steps\nspace: [{}, dropout]\n", r"space\[1\]: 'dropout' is not a mapping"),
+    "a step changing a fixed setting": ("search: steps\nfixed: {lr: 0.01}\nspace: [{}, {lr: 0.1}]\n", r"space\[1\]\.lr: is fixed"),
+    "a step changing nothing": ("search: steps\nspace: [{dropout: 0.1}, {dropout: 0.1}]\n", r"space\[1\]: changes nothing from the step before"),
+    "a step out of range": ("search: steps\nspace: [{}, {dropout: 1.5}]\n", r"space\[1\]: dropout 1\.5 is out of range"),
+    "a step clashing with the steps before": ("search: steps\nspace: [{model: fast_resnet}, {dropout: 0.2}]\n",
+                                              r"space\[1\]: dropout does not apply to model 'fast_resnet'"),
+    "samples in a steps search": ("search: steps\nsamples: 2\nspace: [{}]\n", r"samples: applies to optuna search only; a steps search runs"),
     "nesterov without momentum": ("fixed: {optimizer: nesterov}\nspace: {momentum: [0.0, 0.9]}\n", r"space\.momentum: optimizer nesterov needs momentum > 0"),
 }
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -116,7 +118,7 @@ def test_dry_run_lists_exactly_the_trials_and_starts_nothing(images: Path, tmp_p
     out = capsys.readouterr().out
     assert code == 0
     trials = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("trial ")]
-    expected = [f"pooling={p}, conv_width={w}" for p, w in ((t["pooling"], t["conv_width"]) for t in load_space("seed").grid_trials())]
+    expected = [f"pooling={p}, conv_width={w}" for p, w in ((t["pooling"], t["conv_width"]) for t in load_space("seed").listed_trials())]
     assert trials == expected and len(trials) == 6
     assert "epochs=3" in out and "resources per trial: cpu 1, gpu auto" in out and "notice" not in out
     assert not storage.exists()
@@ -267,6 +269,35 @@ def test_optuna_with_asha_stops_weak_trials_early(ray_session, images: Path, tmp
     last_epochs = [h[-1]["epoch"] for h in results.values()]
     assert min(last_epochs) < 4 and max(last_epochs) == 4, last_epochs
     assert all(list((storage / "space" / name).glob("events.out.tfevents*")) for name in results)  # --tensorboard
+
+
+def test_a_steps_sweep_runs_each_step_and_the_analysis_says_what_each_bought(ray_session, images: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture):
+    args, experiment = sweep_args(tmp_path, images, """
+        search: steps
+        fixed: {epochs: 2, padding: same, filters: [8, 8, 8]}
+        space:
+          - {}
+          - {batch_norm: true}
+          - {augment: flip, lr: 0.003}
+    """, "--subset", "90")
+    assert sweep.main([*args, "--dry-run"]) == 0
+    assert "trial 1: the fixed settings and defaults\ntrial 2: + batch_norm=True\ntrial 3: + augment=flip, lr=0.003" in capsys.readouterr().out
+    assert sweep.main(args) == 0
+    configs = sorted((h[-1]["config"]["batch_norm"], h[-1]["config"]["augment"], h[-1]["config"]["lr"]) for h in trial_results(experiment).values())
+    assert configs == [(False, "none", 0.001), (True, "flip", 0.003), (True, "none", 0.001)]
+    loaded = analysis.load(experiment)
+    assert loaded.context.metadata.steps == [{}, {"batch_norm": True}, {"augment": "flip", "lr": 0.003}]
+    steps = pd.read_csv(experiment / "analysis" / "steps.csv")
+    last = loaded.frame[loaded.frame["epoch"] == 2].set_index("trial_id")
+    assert list(steps["step"]) == [1, 2, 3] and list(steps["change"]) == ["(the first trial)", "batch_norm=True", "augment=flip, lr=0.003"]
+    for row in steps.itertuples():
+        trial = last.loc[row.trial_id]
+        assert (trial["batch_norm"], trial["augment"], trial["lr"]) == [(False, "none", 0.001), (True, "none", 0.001), (True, "flip", 0.003)][row.step - 1]
+        assert row.test_acc == trial["test_acc"] and row.val_acc == trial["val_acc"]
+        assert row.seconds == pytest.approx(loaded.frame.loc[loaded.frame["trial_id"] == row.trial_id, "epoch_seconds"].sum())
+    assert steps["gain"].iloc[1:].tolist() == pytest.approx(steps["test_acc"].diff().iloc[1:].tolist()) and math.isnan(steps["gain"].iloc[0])
+    assert "## What each step bought" in (experiment / "analysis" / "report.md").read_text()
 
 
 def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -216,6 +216,7 @@ class Metadata:
     subset: int | None = None
     samples: int | None = None
     trials: int | None = None  # the space's trials, grid or drawn: what the analysis counts, started or not
+    steps: list[dict[str, Any]] | None = None  # a steps search's steps in order: what each changes
     sweep_seed: int | None = None
     format: int = FORMAT_VERSION
 

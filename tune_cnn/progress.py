@@ -27,8 +27,8 @@ class Plan:
 
     @classmethod
     def of(cls, space: SearchSpace) -> Plan:
-        if space.search == "grid":
-            epochs = sum(TrainConfig.from_flat(trial).epochs for trial in space.grid_trials())
+        if space.lists_trials:
+            epochs = sum(TrainConfig.from_flat(trial).epochs for trial in space.listed_trials())
         else:
             epochs = space.samples * space.epochs
         return cls(space.trial_count, epochs, space.scheduler.type == "asha")
@@ -91,7 +91,7 @@ def estimate(space: SearchSpace, data: DataSplits, max_concurrent: int | None = 
 
     if torch.cuda.is_available():
         return "time estimate: none on a machine with a GPU, where trials share each GPU; a short sweep (--epochs 1) shows the pace"
-    trials = space.grid_trials() if space.search == "grid" else [_optuna_example(space)] * space.samples
+    trials = space.listed_trials() if space.lists_trials else [_optuna_example(space)] * space.samples
     threads, at_once = max(1, int(space.resources.cpu)), space.trials_at_once(max_concurrent)
     timed: dict[tuple, float] = {}
     start = time.perf_counter()

@@ -92,14 +92,15 @@ class SearchSpace:
     name: str
     source: Path
     text: str
-    search: Literal["grid", "optuna"] = "grid"
+    search: Literal["grid", "optuna", "steps"] = "grid"
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
     samples: int = 1
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     fixed: dict[str, Any] = field(default_factory=dict)
-    space: dict[str, Values] = field(default_factory=dict)
+    space: dict[str, Values] = field(default_factory=dict)  # steps: each swept setting's values over the trials
+    steps: tuple[dict[str, Any], ...] = ()  # steps: what each step changes, in order; its trial has every step's so far
     subset: int | None = None
     seed: int = 0
 
@@ -128,9 +129,14 @@ class SearchSpace:
         return any(str(device).startswith("cuda") for device in self._candidates("device"))
 
     @property
+    def lists_trials(self) -> bool:
+        """Whether every trial is known before the sweep starts (grid, steps); Optuna draws its trials as it goes."""
+        return self.search != "optuna"
+
+    @property
     def trial_count(self) -> int:
-        if self.search == "optuna":
-            return self.samples
+        if self.search != "grid":
+            return self.samples  # steps: one trial per step
         count = 1
         for values in self.space.values():
             count *= len(values)
@@ -144,21 +150,27 @@ class SearchSpace:
     def bounding_trials(self) -> list[dict[str, Any]]:
         """Every grid trial; for Optuna, every combination of each swept setting's first two and last two values
         (or its range's probes): where the largest trial of any kind lies."""
-        if self.search == "grid":
-            return self.grid_trials()
+        if self.lists_trials:
+            return self.listed_trials()
         ends = [_ends(_candidate_values(values)) for values in self.space.values()]
         return [{**self.fixed, **dict(zip(self.space, combo))} for combo in itertools.product(*ends)]
 
-    def grid_trials(self) -> list[dict[str, Any]]:
-        """Every trial of a grid search: fixed settings plus one combination of the swept values."""
+    def listed_trials(self) -> list[dict[str, Any]]:
+        """Every trial of a grid search (fixed settings plus one combination of the swept values) or of a steps search
+        (fixed settings plus every step's changes up to its own, each swept setting not yet changed at its default)."""
+        if self.search == "steps":
+            return step_trials(self.fixed, self.steps)
         names = self.swept
         return [{**self.fixed, **dict(zip(names, combo))} for combo in itertools.product(*self.space.values())]
 
     def check_models(self, shape: InputShape) -> None:
         """Check every model the space can ask for against images of `shape`; a misfit is a ConfigError."""
         names = [n for n in self.swept if n in MODEL_SETTINGS]
-        options = [_candidate_values(self.space[n]) for n in names]
-        for combo in itertools.product(*options):
+        if self.search == "steps":
+            combos = list(dict.fromkeys(tuple(trial[n] for n in names) for trial in self.listed_trials()))
+        else:
+            combos = list(itertools.product(*[_candidate_values(self.space[n]) for n in names]))
+        for combo in combos:
             settings = {**self.fixed, **dict(zip(names, combo))}
             try:
                 TrainConfig.from_flat(settings).model.check_fits(shape)
@@ -173,7 +185,7 @@ class SearchSpace:
     @property
     def notices(self) -> list[str]:
         """What a user should know before the trials run, but that does not stop them."""
-        if "momentum" in self.space and "adam" in self.optimizers:
+        if "momentum" in self.space and "adam" in self.optimizers and self.search != "steps":  # a step changes both together
             return ["notice: Adam ignores momentum: trials with optimizer adam that differ only in momentum train alike"]
         return []
 
@@ -247,17 +259,18 @@ def build_space(path: Path, text: str, raw: Mapping[str, Any], overridden: set[s
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         fail(unknown[0], f"unknown key; allowed keys: {', '.join(TOP_KEYS)}")
-    search = _choice(fail, raw, "search", ("grid", "optuna"), "grid")
+    search = _choice(fail, raw, "search", ("grid", "optuna", "steps"), "grid")
     metric = _choice(fail, raw, "metric", tuple(METRIC_MODES), "val_acc")
     mode = _choice(fail, raw, "mode", ("max", "min"), METRIC_MODES[metric])
     samples = _samples(fail, raw, search)
     fixed = _fixed(fail, raw.get("fixed"))
-    space = _space(fail, raw.get("space"), fixed, search)
+    steps = _steps(fail, raw.get("space"), fixed) if search == "steps" else ()
+    space = step_values(fixed, steps) if steps else _space(fail, raw.get("space"), fixed, search)
     subset = None if raw.get("subset") is None else _integer(fail, "subset", raw["subset"], minimum=1)
     seed = _integer(fail, "seed", raw.get("seed", 0), minimum=0, maximum=MAX_SEED)
     result = SearchSpace(
-        name=path.stem, source=path, text=text, search=search, metric=metric, mode=mode, samples=samples,
-        resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, subset=subset, seed=seed,
+        name=path.stem, source=path, text=text, search=search, metric=metric, mode=mode, samples=len(steps) or samples,
+        resources=_resources(fail, raw.get("resources")), fixed=fixed, space=space, steps=steps, subset=subset, seed=seed,
     )
     _check_trials(fail, result)
     _check_momentum(fail, result)
@@ -307,9 +320,10 @@ def _mapping(fail: _Failer, key: str, value: Any, allowed: tuple[str, ...]) -> M
 
 
 def _samples(fail: _Failer, raw: Mapping[str, Any], search: str) -> int:
-    if search == "grid":
+    if search != "optuna":
         if raw.get("samples") is not None:
-            fail("samples", "applies to optuna search only; a grid runs each combination once (sweep `seed: [0, 1, 2]` to repeat it)")
+            fail("samples", f"applies to optuna search only; a {search} search runs each of its trials once"
+                            + (" (sweep `seed: [0, 1, 2]` to repeat them)" if search == "grid" else ""))
         return 1
     return _integer(fail, "samples", raw.get("samples", 10), minimum=1)
 
@@ -373,6 +387,48 @@ def _space(fail: _Failer, raw: Any, fixed: Mapping[str, Any], search: str) -> di
             fail(key, f"lists {twice[0]!r} twice; list each value once (sweep `seed: [0, 1, 2]` to repeat trials)")
         space[name] = tuple(typed)
     return space
+
+
+def _steps(fail: _Failer, raw: Any, fixed: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A steps search's `space`: a list of mappings, each the settings its step changes from the trial before it
+    (the first from the fixed settings and the defaults; `{}` for none), every trial checked as a whole."""
+    if not isinstance(raw, list) or not raw:
+        fail("space", "a steps search lists its steps, each a mapping of the settings it changes, e.g. [{}, {batch_norm: true}]")
+    steps: list[dict[str, Any]] = []
+    for i, given in enumerate(raw):
+        key = f"space[{i}]"
+        if given is not None and not isinstance(given, Mapping):
+            fail(key, f"{given!r} is not a mapping; a step is a mapping of the settings it changes, such as {{dropout: 0.25}}")
+        step = dict(_mapping(fail, key, given, SETTINGS))
+        both = sorted(set(step) & set(fixed))
+        if both:
+            fail(f"{key}.{both[0]}", "is fixed; a step changes a setting from the trial before it: move it out of `fixed`")
+        before = step_trials(fixed, tuple(steps))[-1] if steps else None
+        trial = _typed(fail, key, {**(before or fixed), **step})
+        step = {name: trial[name] for name in step}
+        if i and all(before.get(name, TrainConfig().flat()[name]) == value for name, value in step.items()):
+            fail(key, "changes nothing from the step before; give each step a setting it changes, or remove it")
+        steps.append(step)
+    return tuple(steps)
+
+
+def step_trials(fixed: Mapping[str, Any], steps: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """The trials of a steps search: each is the fixed settings and every step's changes up to its own, with every
+    swept setting present (at the default until a step changes it), so that each trial's row shows all of them."""
+    defaults = TrainConfig().flat()
+    swept = list(dict.fromkeys(name for step in steps for name in step))
+    changed: dict[str, Any] = {}
+    trials = []
+    for step in steps:
+        changed.update(step)
+        trials.append({**{name: defaults[name] for name in swept}, **fixed, **changed})
+    return trials
+
+
+def step_values(fixed: Mapping[str, Any], steps: tuple[dict[str, Any], ...]) -> dict[str, Values]:
+    """Each setting a steps search changes, with the values its trials take, in order."""
+    trials = step_trials(fixed, steps)
+    return {name: tuple(dict.fromkeys(trial[name] for trial in trials)) for name in trials[0] if name not in fixed}
 
 
 def _values(fail: _Failer, key: str, name: str, value: Any, search: str) -> Values:
@@ -451,12 +507,12 @@ def _ends(values: list[Any]) -> list[Any]:
 def _check_trials(fail: _Failer, space: SearchSpace) -> None:
     """Settings can be valid alone and clash together (batch_norm with batch_size 1): every grid trial must make a
     valid config, and in an Optuna space every pair of swept settings, each at its values or its range's ends."""
-    if space.search == "grid":
+    if space.lists_trials:
         if space.trial_count > MAX_GRID_TRIALS:
             counts = " x ".join(f"{len(values)} {name}" for name, values in space.space.items())
             fail("space", f"the grid has {space.trial_count:,} trials ({counts}), more than {MAX_GRID_TRIALS:,}; "
                           "sweep fewer values, or use search: optuna with samples")
-        for trial in space.grid_trials():
+        for trial in space.listed_trials():
             _typed(fail, "space", trial)
         return
     ends = {name: _ends(_candidate_values(values)) for name, values in space.space.items()}

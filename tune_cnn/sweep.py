@@ -191,6 +191,7 @@ def sweep_metadata(space: SearchSpace, data: DataSplits) -> Metadata:
         mode=space.mode, swept=space.swept, sampled=[name for name, values in space.space.items() if isinstance(values, Distribution)],
         fixed=json.loads(json.dumps(space.fixed)), checkpoint_epochs=space.checkpoint_epochs, epochs=space.epochs,
         data=comparable_data(data.source), subset=space.subset, samples=space.samples, trials=space.trial_count, sweep_seed=space.seed,
+        steps=json.loads(json.dumps(space.steps)) if space.steps else None,
     )
 
 
@@ -204,7 +205,9 @@ def describe_trials(space: SearchSpace, data: DataSplits) -> str:
     lines.append(f"checkpoints at epochs {', '.join(map(str, space.checkpoint_epochs))}; scheduler {_scheduler_text(space)}")
     if space.search == "grid":
         swept = space.swept
-        lines += [f"trial {i + 1}: {_settings_text({n: t[n] for n in swept})}" for i, t in enumerate(space.grid_trials())]
+        lines += [f"trial {i + 1}: {_settings_text({n: t[n] for n in swept})}" for i, t in enumerate(space.listed_trials())]
+    elif space.search == "steps":
+        lines += [f"trial {i + 1}: {'+ ' + _settings_text(step) if step else 'the fixed settings and defaults'}" for i, step in enumerate(space.steps)]
     else:
         lines.append(f"{space.samples} trial(s) drawn by Optuna TPE (seed {space.seed}) from:")
         lines += [f"  {name}: {_values_text(values)}" for name, values in space.space.items()]
@@ -247,6 +250,7 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
             return tune.randint(int(values.low), int(values.high) + 1)  # randint excludes its upper bound
         return (tune.uniform if values.kind == "uniform" else tune.loguniform)(values.low, values.high)
 
+    # steps: a choice of each swept setting's values, which every trial (make_tuner's points) sets
     return {**space.fixed, **{name: domain(values) for name, values in space.space.items()}}
 
 
@@ -276,6 +280,10 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: ExperimentFolde
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" on stderr
         search_alg = OptunaSearch(seed=space.seed)
+    elif space.search == "steps":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(points_to_evaluate=space.listed_trials())  # Tune's grid generator, given the trials
     storage, name = experiment.storage.parent_and_name
     reporter = with_progress(CLIReporter, Plan.of(space))(
         parameter_columns=space.swept, metric_columns=list(PROGRESS_METRICS), max_report_frequency=10, sort_by_metric=True,

@@ -13,6 +13,7 @@ from scipy.special import stdtrit
 from tune_cnn.analysis.load import Sweep
 from tune_cnn.analysis.plots import value_label
 from tune_cnn.analysis.stats import OVERFIT_RISE, effects, finite_values
+from tune_cnn.space import step_trials
 
 LONG_EPOCHS = 100  # a trial this long can show accuracy rising again after it levelled off (the learner's "grok")
 GROK_RISE = 0.02  # a later best this far above the best by mid-training is a rise again, not noise
@@ -218,6 +219,28 @@ def trial_costs(sweep: Sweep) -> pd.DataFrame:
                      ctx.metric: best[ctx.metric] if best is not None else math.nan})
     return pd.DataFrame(rows)
 
+
+def step_gains(sweep: Sweep) -> pd.DataFrame:
+    """A steps search's trials in order: what each step changed, its trial's validation and test accuracy at its last
+    epoch, the test accuracy's gain over the step before, and the trial's training seconds: what each step bought.
+    Empty for other searches; a step whose trial has no rows has no figures."""
+    metadata = sweep.context.metadata
+    if not metadata or not metadata.steps:
+        return pd.DataFrame()
+    last = sweep.frame.sort_values("epoch").groupby("trial_id", sort=True).tail(1)
+    seconds = sweep.frame.groupby("trial_id")["epoch_seconds"].sum()
+    rows = []
+    for number, (step, settings) in enumerate(zip(metadata.steps, step_trials(metadata.fixed, metadata.steps)), 1):
+        swept = {name: tuple(value) if isinstance(value, list) else value for name, value in settings.items() if name in sweep.context.swept}
+        match = last[np.logical_and.reduce([last[name].map(lambda v, want=want: v == want) for name, want in swept.items()])]
+        row = match.iloc[0] if len(match) else None
+        rows.append({"step": number, "change": ", ".join(f"{k}={value_label(v)}" for k, v in step.items()) or "(the first trial)",
+                     "trial_id": row["trial_id"] if row is not None else None, "epoch": row["epoch"] if row is not None else math.nan,
+                     "val_acc": row["val_acc"] if row is not None else math.nan, "test_acc": row["test_acc"] if row is not None else math.nan,
+                     "seconds": seconds[row["trial_id"]] if row is not None else math.nan})
+    table = pd.DataFrame(rows)
+    table.insert(table.columns.get_loc("seconds"), "gain", table["test_acc"].diff())
+    return table
 
 
 # --- The learner's own findings -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from tune_cnn.analysis.questions import (
     learner_findings,
     loss_rise,
     overfitting_sentence,
+    step_gains,
     trend_sentence,
     trial_costs,
 )
@@ -42,7 +43,7 @@ from tune_cnn.experiment import ANALYSIS_FOLDER, Storage, experiment_name
 
 BEST_ROWS = 5
 # Every file an analysis writes; a rerun into the same folder removes those it does not write again.
-ANALYSIS_FILES = ("results.csv", "results.parquet", "report.md", "trials.csv", "effects.csv", "importance.csv", "summary_*.csv", "overfitting.csv",
+ANALYSIS_FILES = ("results.csv", "results.parquet", "report.md", "trials.csv", "steps.csv", "effects.csv", "importance.csv", "summary_*.csv", "overfitting.csv",
                   "learning_curves.png", "effects.png", "by_*.png", "right_and_wrong.png", "reliability.png", "cost.png")
 
 
@@ -189,8 +190,18 @@ def trial_statuses(sweep: Sweep) -> pd.Series:
     return pd.Series([*with_rows, *without_rows, *[NOT_STARTED] * never_made], dtype=object).value_counts()
 
 
+def _step_lines(steps: pd.DataFrame) -> list[str]:
+    """A steps search's table of what each step bought, gains in points."""
+    if steps.empty:
+        return []
+    table = readable(steps).assign(gain=[_points(v) if not math.isnan(v) else "-" for v in steps["gain"]])
+    return ["## What each step bought", "", "Each step's trial has the changes of every step before it; accuracies at its last epoch, "
+            "the gain in test accuracy over the step before in points, seconds of training:", "", markdown_table(table), ""]
+
+
 def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_table: pd.DataFrame,
-                    importance_table: pd.DataFrame, diagnosis: pd.DataFrame, plots: dict[str, str]) -> str:
+                    importance_table: pd.DataFrame, diagnosis: pd.DataFrame, plots: dict[str, str],
+                    steps: pd.DataFrame | None = None) -> str:
     ctx, df = sweep.context, sweep.frame
     statuses = trial_statuses(sweep)
     counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
@@ -207,7 +218,8 @@ def report_markdown(sweep: Sweep, summaries: dict[str, pd.DataFrame], effect_tab
     if ctx.incomplete:
         lines += ["", "**Incomplete trials:** " + ", ".join(f"{t} ({s})" for t, s in ctx.incomplete.items()) + "."]
     lines += [
-        "", f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "", *_best_lines(sweep),
+        "", *_step_lines(steps if steps is not None else step_gains(sweep)),
+        f"## Best trials by {ctx.metric} ({ctx.mode}), each at its best epoch", "", *_best_lines(sweep),
         *_learner_lines(sweep, effect_table, diagnosis), "## Findings", "",
         *[f"- {line}" for line in findings(sweep, effect_table, importance_table, diagnosis)],
         "", f"![Effects]({plots['effects']})" if "effects" in plots else "",
@@ -278,7 +290,8 @@ def _write_files(sweep: Sweep, folder: Path, by: list[str] | None, at_epochs: li
     summaries = {key: summarize(sweep, key, at_epochs) for key in [*groupings, "epoch"]}
     diagnosis = diagnose(sweep, at_epochs)
     effect_table, importance_table = effects(sweep), importance(sweep)
-    tables = {"trials.csv": diagnosis, "effects.csv": effect_table, "importance.csv": importance_table,
+    steps = step_gains(sweep)
+    tables = {"trials.csv": diagnosis, "effects.csv": effect_table, "importance.csv": importance_table, **({"steps.csv": steps} if len(steps) else {}),
               **{f"summary_{key}.csv": summary for key, summary in summaries.items()}}
     if has_diagnostics(sweep):
         tables["overfitting.csv"] = loss_rise(sweep)
@@ -298,7 +311,7 @@ def _write_files(sweep: Sweep, folder: Path, by: list[str] | None, at_epochs: li
     if df["trial_id"].nunique() > 1:
         drawings["cost"] = ("cost.png", plot_cost, (trial_costs(sweep), sweep.context.metric, next(iter(groupings), None)))
     plots = draw(drawings, folder, plotters)
-    (folder / "report.md").write_text(report_markdown(sweep, summaries, effect_table, importance_table, diagnosis, plots))
+    (folder / "report.md").write_text(report_markdown(sweep, summaries, effect_table, importance_table, diagnosis, plots, steps))
     return written | set(tables) | set(plots.values())
 
 

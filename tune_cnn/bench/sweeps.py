@@ -71,7 +71,7 @@ def time_seed_trials(source: str, at_once: int, overrides: dict[str, Any] | None
     the clock runs from the first process's start to the last trial's end.
     """
     space = load_space("seed")
-    trials = [TrainConfig.from_flat({**t, **(overrides or {})}).flat() for t in space.grid_trials()]
+    trials = [TrainConfig.from_flat({**t, **(overrides or {})}).flat() for t in space.listed_trials()]
     context = mp.get_context("spawn")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=at_once, mp_context=context) as pool:
