@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,11 @@ import torch
 from PIL import Image
 
 from tune_cnn.data import Arrays, DataSplits, channel_statistics
+from tune_cnn.experiment import Storage, is_state_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 240  # for a condition that takes seconds when the machine is free: other test runs may share its two cores
+AWS_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")  # how boto3, pyarrow and the AWS CLI find S3
 SWEEP_ENV = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray saves the experiment state every second, not every 10+
 SHARED_CIFAR = Path(os.environ.get("TUNE_CNN_TEST_CIFAR", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # the device machine only
@@ -33,29 +38,45 @@ def decode_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("TUNE_CNN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@contextmanager
+def moto_s3(log: Path, port: int | None = None) -> Iterator[int]:
+    """moto's S3 server in its own process on 127.0.0.1 (a free port unless given), logging into `log`; yields its
+    port once it answers, and stops it at the end."""
+    import boto3
+
+    port = port or free_port()
+    with open(log, "a") as output:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=output, stderr=output)
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        wait_for(lambda: _answers(client), timeout=60)
+        yield port
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 server (moto's, in its own process) on a free port, with the credentials it takes in this
     process's environment, which the commands under test inherit; yields its endpoint, host:port."""
-    import socket
-
-    import boto3
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {name: os.environ.get(name) for name in credentials}
     os.environ.update(credentials)
     try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        wait_for(lambda: _answers(client), timeout=60)
-        yield f"127.0.0.1:{port}"
+        with moto_s3(tmp_path_factory.mktemp("s3") / "moto.log") as port:
+            yield f"127.0.0.1:{port}"
     finally:
-        server.terminate()
-        server.wait()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -165,13 +186,17 @@ def sweep_args(tmp_path: Path, images: Path, space: str, *options: str) -> tuple
 
 
 SavedTrial = dict[str, Any]  # a trial as the saved experiment state describes it
+Experiment = Path | str  # an experiment folder, or its URI (s3://BUCKET/PATH/NAME) read through tune_cnn's storage
 
 
 class Sweep:
-    """A sweep command running in its own process group, so a test can kill the driver and what it started."""
+    """A sweep command running in its own process group, so a test can kill the driver and what it started. Its
+    output goes to a log beside a local --storage folder (a temporary file for a URI)."""
 
     def __init__(self, *args: str):
-        self.log = open(Path(args[args.index("--storage") + 1]).parent / f"sweep-{time.monotonic_ns()}.log", "w+")
+        storage = args[args.index("--storage") + 1]
+        self.log = (tempfile.TemporaryFile("w+") if "://" in storage
+                    else open(Path(storage).parent / f"sweep-{time.monotonic_ns()}.log", "w+"))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tune_cnn.sweep", *args], env={**os.environ, **SWEEP_ENV},
             stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -196,11 +221,49 @@ class Sweep:
             pass
 
 
-def saved_trials(experiment: Path) -> list[SavedTrial]:
-    """Status, folder and last result of each trial in the experiment state Ray last saved to storage."""
+def _opened(uri: str) -> Storage:
+    """The storage at `uri`, opened once for each server and credentials the environment names."""
+    return _opened_with(uri, *(os.environ.get(name) for name in AWS_ENVIRONMENT))
+
+
+@cache
+def _opened_with(uri: str, *environment: str | None) -> Storage:
+    return Storage.open(uri)
+
+
+def read_file(experiment: Experiment, relative: str) -> str | None:
+    """A file of the experiment folder; None where it is missing (or cannot be read)."""
+    if not isinstance(experiment, Path):
+        return _opened(experiment).read_text(relative)
     try:
-        state = json.loads(next(experiment.glob("experiment_state-*.json")).read_text())
-    except (StopIteration, FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+        return (experiment / relative).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def write_file(experiment: Experiment, relative: str, text: str) -> None:
+    if isinstance(experiment, Path):
+        (experiment / relative).write_text(text)
+    else:
+        _opened(experiment).write_text(relative, text)
+
+
+def state_files(experiment: Experiment) -> list[str]:
+    """The experiment_state-*.json files Ray saved, oldest first (their names end in the time)."""
+    if isinstance(experiment, Path):
+        return sorted(p.name for p in experiment.glob("experiment_state-*.json"))
+    try:
+        return [name for name in _opened(experiment).listing()[0] if is_state_file(name)]
+    except OSError:  # not there yet
+        return []
+
+
+def saved_trials(experiment: Experiment) -> list[SavedTrial]:
+    """Status, folder and last result of each trial in the experiment state Ray last saved to storage."""
+    names = state_files(experiment)
+    try:
+        state = json.loads(read_file(experiment, names[-1]) or "")
+    except (IndexError, json.JSONDecodeError):  # not written yet, or being replaced
         return []
     trials = []
     for meta, run in state["trial_data"]:
@@ -227,13 +290,13 @@ def epochs_per_trial(df) -> list[list[int]]:
     return [list(group["epoch"]) for _, group in df.groupby("trial_id")]
 
 
-def reports(experiment: Path, folder: str) -> list[dict]:
+def reports(experiment: Experiment, folder: str) -> list[dict]:
     """A trial folder's reported results, in order."""
-    lines = (experiment / folder / "result.json").read_text().splitlines()
+    lines = (read_file(experiment, f"{folder}/result.json") or "").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def kill_driver_then_resume(args: list[str], experiment: Path, checkpoints: int) -> None:
+def kill_driver_then_resume(args: list[str], experiment: Experiment, checkpoints: int) -> None:
     """Start a sweep; once one trial has finished and a running one has saved `checkpoints` epochs, SIGKILL the
     driver and every Ray process it started; then run the same command with --resume. Checks that it finishes,
     that the finished trials did not run again and that the interrupted one continued from a checkpoint."""
@@ -248,17 +311,17 @@ def kill_driver_then_resume(args: list[str], experiment: Path, checkpoints: int)
     before = wait_for(one_finished_and_one_checkpointed, run)
     run.kill_all(signal.SIGKILL)  # no chance to save anything
     run.finish()
-    finished = {t["folder"]: (experiment / t["folder"] / "result.json").read_text() for t in before if t["status"] == "TERMINATED"}
+    finished = {t["folder"]: read_file(experiment, f"{t['folder']}/result.json") for t in before if t["status"] == "TERMINATED"}
     interrupted = next(t for t in before if t["status"] == "RUNNING")
     # The worst moment for the kill: while the driver uploads the interrupted trial's result files, which it
     # rewrites whole (in two test runs a resumed trial then lacked its first epochs). The resume starts from these.
     for name in ("result.json", "progress.csv"):
-        (experiment / interrupted["folder"] / name).write_text("")
+        write_file(experiment, f"{interrupted['folder']}/{name}", "")
 
     code, output = Sweep(*args, "--resume").finish()
     assert code == 0, output[-3000:]
     for folder, text in finished.items():
-        assert (experiment / folder / "result.json").read_text() == text, f"{folder} ran again"
+        assert text and read_file(experiment, f"{folder}/result.json") == text, f"{folder} ran again"
     continued = reports(experiment, interrupted["folder"])
     first_after_resume = next(r["epoch"] for r in continued if r["pid"] != interrupted["last"]["pid"])
     # Ray resumes from the checkpoint its saved state records, which may trail the last result by an epoch.

@@ -300,6 +300,42 @@ def test_a_steps_sweep_runs_each_step_and_the_analysis_says_what_each_bought(ray
     assert "## What each step bought" in (experiment / "analysis" / "report.md").read_text()
 
 
+def test_mlflow_holds_every_trial_as_a_run_with_its_settings_and_every_epochs_metrics(ray_session, images: Path, tmp_path: Path):
+    """Read back with MLflow's own client: one run per trial in an experiment named after the sweep, the trial's
+    settings as parameters, and each epoch's metrics at steps 1, 2, 3, as the experiment folder has them."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args, experiment = sweep_args(tmp_path, images, """
+        fixed: {epochs: 3, padding: same, filters: [8, 8, 8]}
+        space: {pooling: [max, avg]}
+    """, "--subset", "60", "--name", "tracked", "--mlflow", store)
+    assert sweep.main(args) == 0
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    folder = experiment.parent / "tracked"
+    by_name = trial_results(folder)
+    assert len(runs) == len(by_name) == 2
+    for run in runs:
+        history = next(h for name, h in by_name.items() if name.startswith(run.info.run_name))
+        config = history[-1]["config"]
+        assert run.data.params["pooling"] == config["pooling"] and run.data.params["epochs"] == "3" and run.info.status == "FINISHED"
+        for metric in ("val_acc", "val_loss", "train_acc", "test_acc"):
+            logged = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+            assert logged == [(r["epoch"], pytest.approx(r[metric])) for r in history]
+
+
+def test_mlflow_without_mlflow_installed_is_one_line_saying_what_to_install(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # importlib finds no such module
+    args, experiment = sweep_args(tmp_path, images, "fixed: {epochs: 1}\n", "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(SystemExit) as caught:
+        sweep.main(args)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == "error: --mlflow needs MLflow, which is not installed here; pip install -e '.[mlflow]' (or pip install mlflow)\n"
+    assert not experiment.exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch):
     # A model family known to the driver only (registered in a script, not in a module the trials import)

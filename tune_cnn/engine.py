@@ -186,7 +186,7 @@ def build_engine(config: TrainConfig, shape: InputShape, mean: Sequence[float], 
     if config.whiten:
         if train_images is None:
             raise ValueError("whiten sets the first convolution from the training images; pass train_images")
-        whiten_first_convolution(model, torch.from_numpy(train_images[:WHITEN_IMAGES]).to(device), scale, shift)
+        whiten_first_convolution(model, torch.tensor(train_images[:WHITEN_IMAGES], device=device), scale, shift)  # a copy: Ray shares it read-only
     optimizer = make_optimizer(config, model)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     # No cast cache: each weight is cast once per step anyway, and cached casts must not outlive a graph capture.

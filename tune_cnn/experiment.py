@@ -114,6 +114,18 @@ class Storage:
         except OSError as error:
             raise _unreachable(self.label, self.option, error) from None
 
+    @contextmanager
+    def lost_mid_sweep(self) -> Iterator[None]:
+        """Cloud storage that stops answering while a sweep runs (its server or the network gone) as one StorageError
+        saying what stays; a local folder's errors are ExperimentFolder.writing's to word."""
+        try:
+            yield
+        except OSError as error:
+            if not self.is_uri:
+                raise
+            raise StorageError(f"lost {self.label} during the sweep ({first_line(error)}); what was saved before is kept: "
+                               f"continue with --resume once it answers") from None
+
     def kind(self, relative: str = "") -> str:
         import pyarrow.fs
 

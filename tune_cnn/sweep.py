@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
 
 
 # Settings that do not change what a trial's epochs compute: the same trial with more epochs repeats the first ones.
+TRACEBACK = "Traceback (most recent call last):"  # a traceback's first line, as Python prints it
 NOT_IN_TRIAL_SEED = ("epochs", "checkpoint_every", "eval_batch_size")
 
 
@@ -64,6 +66,7 @@ def run_trial(params: dict[str, Any], data: DataSplits, sweep_seed: int, threads
     torch.set_num_threads(threads)
     # Ray logs a line per saved checkpoint; the progress table already shows each trial's epoch.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    keep_storage_errors_short()  # an upload that fails, logged by Ray's syncer in this process
     seed = trial_seed(sweep_seed, params)
     config = TrainConfig.from_flat({**params, "seed": seed})
     resume, reports = None, []
@@ -117,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="sweep seed (trial seeds and the Optuna sampler derive from it)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")
     parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files in each trial's folder")
+    parser.add_argument("--mlflow", metavar="URI", help="also log every trial as a run of an MLflow experiment named after the "
+                        "sweep, at this tracking URI (sqlite:///FILE.db, or a server's http://HOST:PORT); needs pip install -e '.[mlflow]'")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and their resources, then exit without starting Ray")
     return parser.parse_args(argv)
 
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print(notice)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} is not allowed; use 1 or more, or leave it out for no limit")
+    if args.mlflow and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("--mlflow needs MLflow, which is not installed here; pip install -e '.[mlflow]' (or pip install mlflow)")
     experiment = ExperimentFolder.for_sweep(args.storage, space.name if args.name is None else args.name)
     metadata = sweep_metadata(space, data)
     if args.dry_run:
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume:  # before the claim, which would make the folder of an experiment that is not there
         experiment.check_start(resume=True, metadata=metadata)
-    with Claim(experiment.storage).take() as claim:  # one driver per experiment: a second sweep or resume stops here
+    with experiment.storage.lost_mid_sweep(), Claim(experiment.storage).take() as claim:  # one driver per experiment: a second sweep or resume stops here
         experiment.check_start(resume=args.resume, metadata=metadata)
         print(data.describe(), flush=True)
         from tune_cnn.analysis.plots import plot_workers  # not before: a bad input's one line comes without pandas
@@ -264,7 +271,7 @@ def make_trainable(space: SearchSpace, data: DataSplits, resources: dict[str, fl
 
 
 def make_tuner(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, resources: dict[str, float],
-               max_concurrent: int | None, tensorboard: bool):
+               max_concurrent: int | None, tensorboard: bool, mlflow: str | None = None):
     from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig, TuneConfig, Tuner
 
     scheduler = None
@@ -299,20 +306,26 @@ def make_tuner(space: SearchSpace, data: DataSplits, experiment: ExperimentFolde
         ),
         run_config=RunConfig(
             storage_path=storage, name=name, verbose=1, progress_reporter=reporter,
-            callbacks=result_loggers(tensorboard),
+            callbacks=result_loggers(tensorboard, mlflow, name),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every snapshot is kept for the analysis
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
 
 
-def result_loggers(tensorboard: bool) -> list:
+def result_loggers(tensorboard: bool, mlflow: str | None = None, name: str = "") -> list:
     """What each trial's results are written as: result.json and progress.csv, which the analysis reads, and
-    TensorBoard's event files when asked. Tune adds TensorBoard's by default, whose writer (tensorboardX) imports
-    torch into the sweep's driver as the trials start, which costs the driver more than a second."""
+    TensorBoard's event files or MLflow runs (experiment `name` at tracking URI `mlflow`) when asked. Tune adds
+    TensorBoard's by default, whose writer (tensorboardX) imports torch into the sweep's driver as the trials start,
+    which costs the driver more than a second."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-    return [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if tensorboard else [])
+    loggers = [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if tensorboard else [])
+    if mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        loggers.append(MLflowLoggerCallback(tracking_uri=mlflow, experiment_name=name))
+    return loggers
 
 
 @contextmanager
@@ -335,6 +348,26 @@ def not_tunes_restore_advice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
+def storage_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """Tune logs each storage error (a failed trial's upload, a result it could not read back, a sync it gave up)
+    with the traceback through Ray's internals, as the record's exception or in its text; the message's first line
+    and the error's last say what failed, and the sweep's end says what it means. Other errors keep their tracebacks."""
+    error = record.exc_info[1] if record.exc_info else None
+    lines = record.getMessage().strip().splitlines()
+    if isinstance(error, OSError):  # a trial's RayTaskError(OSError) is one too
+        last = str(error).strip().splitlines() or [type(error).__name__]
+        record.msg, record.args, record.exc_info, record.exc_text = f"{lines[0]}: {last[-1]}", (), None, None
+    elif TRACEBACK in lines and lines[-1].startswith("OSError"):
+        record.msg, record.args = f"{lines[0]} {lines[-1]}", ()
+    return True
+
+
+def keep_storage_errors_short() -> None:
+    """storage_errors_in_one_line on every handler of Ray's logger, where every ray.* logger's records go."""
+    for handler in logging.getLogger("ray").handlers:
+        handler.addFilter(storage_errors_in_one_line)
+
+
 def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder, metadata: Metadata, args: argparse.Namespace):
     """Run (or resume) the sweep's Tuner; a trial that Ray's memory monitor kills fails and is retried like any."""
     from ray.tune import Tuner
@@ -345,6 +378,7 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder
     # every time the results are read. report_results says which trials did not finish and how to resume.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.tune").addFilter(not_tunes_restore_advice)
+    keep_storage_errors_short()
     resources = trial_resources(space)
     warn_if_storage_is_not_shared(experiment.storage.parent_and_name[0])
     if args.resume:
@@ -352,7 +386,7 @@ def run_sweep(space: SearchSpace, data: DataSplits, experiment: ExperimentFolder
         tuner = Tuner.restore(experiment.location, trainable=restored, resume_unfinished=True, resume_errored=True)
     else:
         experiment.write_metadata(metadata)
-        tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard)
+        tuner = make_tuner(space, data, experiment, resources, args.max_concurrent, args.tensorboard, args.mlflow)
     # A restored Tuner keeps its own loggers, and would get Tune's defaults too.
     with only_our_loggers(), memory_kills_as_trial_failures():
         return tuner.fit()
