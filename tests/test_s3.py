@@ -159,6 +159,7 @@ def test_the_analysis_command_and_load_read_the_experiments_uri_alike_and_write_
     pd.testing.assert_frame_equal(by_sweep, expected)
 
 
+@pytest.mark.slow  # about a minute: CI's slow step
 def test_a_driver_killed_mid_sweep_resumes_from_the_bucket(s3: S3, images: Path, tmp_path: Path):
     """SIGKILL of the driver and its Ray processes once a trial has finished and the next has saved three epochs;
     the same command with --resume reruns no finished trial and continues the other from its checkpoint."""
@@ -228,6 +229,7 @@ class Link:
             s.close()
 
 
+@pytest.mark.slow  # about a minute: CI's slow step
 def test_the_server_gone_mid_sweep_is_one_line_and_what_was_written_stays_readable(s3: S3, images: Path, tmp_path: Path,
                                                                                    monkeypatch: pytest.MonkeyPatch):
     """The sweep reaches the server through a Link, which is cut once a trial has saved two checkpoints: the sweep ends
