@@ -272,6 +272,7 @@ def memory_threshold(headroom: int) -> str:
     return f"{(used + headroom) / meminfo['MemTotal']:.4f}"
 
 
+@pytest.mark.slow  # over a minute on an AVX2-only 2-core CPU: CI's slow step
 def test_a_trial_killed_for_memory_is_retried_then_errored_and_the_sweep_goes_on(images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The memory limit is our own: RAY_memory_usage_threshold set to the machine's use now plus MEMORY_HEADROOM
     (4 GiB), checked every 100 ms (RAY_memory_monitor_refresh_ms), so Ray's monitor kills a worker once the node
@@ -328,6 +329,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # over a minute on an AVX2-only 2-core CPU: CI's slow step
 def test_a_trial_killed_for_memory_mid_run_is_retried_from_its_checkpoint(images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The same memory limit of our own (RAY_memory_usage_threshold at the machine's use now plus MEMORY_HEADROOM);
     the trial fits it until, past its second checkpoint, this test takes up to MEMORY_HEADROOM and 1 GiB more (the
