@@ -395,6 +395,7 @@ def _steps(fail: _Failer, raw: Any, fixed: Mapping[str, Any]) -> tuple[dict[str,
     if not isinstance(raw, list) or not raw:
         fail("space", "a steps search lists its steps, each a mapping of the settings it changes, e.g. [{}, {batch_norm: true}]")
     steps: list[dict[str, Any]] = []
+    defaults = TrainConfig().flat()
     for i, given in enumerate(raw):
         key = f"space[{i}]"
         if given is not None and not isinstance(given, Mapping):
@@ -406,7 +407,7 @@ def _steps(fail: _Failer, raw: Any, fixed: Mapping[str, Any]) -> tuple[dict[str,
         before = step_trials(fixed, tuple(steps))[-1] if steps else None
         trial = _typed(fail, key, {**(before or fixed), **step})
         step = {name: trial[name] for name in step}
-        if i and all(before.get(name, TrainConfig().flat()[name]) == value for name, value in step.items()):
+        if i and all(before.get(name, defaults[name]) == value for name, value in step.items()):
             fail(key, "changes nothing from the step before; give each step a setting it changes, or remove it")
         steps.append(step)
     return tuple(steps)

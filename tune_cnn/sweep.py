@@ -41,8 +41,8 @@ MAX_FAILURES = 2  # retries per trial, each from the trial's last checkpoint
 
 
 # Settings that do not change what a trial's epochs compute: the same trial with more epochs repeats the first ones.
-TRACEBACK = "Traceback (most recent call last):"  # a traceback's first line, as Python prints it
 NOT_IN_TRIAL_SEED = ("epochs", "checkpoint_every", "eval_batch_size")
+TRACEBACK = "Traceback (most recent call last):"  # a traceback's first line, as Python prints it
 
 
 def trial_seed(sweep_seed: int, settings: dict[str, Any]) -> int:
@@ -353,7 +353,7 @@ def storage_errors_in_one_line(record: logging.LogRecord) -> bool:
     with the traceback through Ray's internals, as the record's exception or in its text; the message's first line
     and the error's last say what failed, and the sweep's end says what it means. Other errors keep their tracebacks."""
     error = record.exc_info[1] if record.exc_info else None
-    lines = record.getMessage().strip().splitlines()
+    lines = record.getMessage().strip().splitlines() or [""]
     if isinstance(error, OSError):  # a trial's RayTaskError(OSError) is one too
         last = str(error).strip().splitlines() or [type(error).__name__]
         record.msg, record.args, record.exc_info, record.exc_text = f"{lines[0]}: {last[-1]}", (), None, None

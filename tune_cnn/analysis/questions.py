@@ -228,18 +228,15 @@ def step_gains(sweep: Sweep) -> pd.DataFrame:
     if not metadata or not metadata.steps:
         return pd.DataFrame()
     last = sweep.frame.sort_values("epoch").groupby("trial_id", sort=True).tail(1)
-    seconds = sweep.frame.groupby("trial_id")["epoch_seconds"].sum()
     rows = []
     for number, (step, settings) in enumerate(zip(metadata.steps, step_trials(metadata.fixed, metadata.steps)), 1):
         swept = {name: tuple(value) if isinstance(value, list) else value for name, value in settings.items() if name in sweep.context.swept}
         match = last[np.logical_and.reduce([last[name].map(lambda v, want=want: v == want) for name, want in swept.items()])]
-        row = match.iloc[0] if len(match) else None
         rows.append({"step": number, "change": ", ".join(f"{k}={value_label(v)}" for k, v in step.items()) or "(the first trial)",
-                     "trial_id": row["trial_id"] if row is not None else None, "epoch": row["epoch"] if row is not None else math.nan,
-                     "val_acc": row["val_acc"] if row is not None else math.nan, "test_acc": row["test_acc"] if row is not None else math.nan,
-                     "seconds": seconds[row["trial_id"]] if row is not None else math.nan})
-    table = pd.DataFrame(rows)
-    table.insert(table.columns.get_loc("seconds"), "gain", table["test_acc"].diff())
+                     "trial_id": match["trial_id"].iloc[0] if len(match) else None})
+    table = pd.DataFrame(rows).merge(last[["trial_id", "epoch", "val_acc", "test_acc"]], on="trial_id", how="left")
+    table["gain"] = table["test_acc"].diff()
+    table["seconds"] = table["trial_id"].map(sweep.frame.groupby("trial_id")["epoch_seconds"].sum())
     return table
 
 
