@@ -336,6 +336,16 @@ def test_mlflow_without_mlflow_installed_is_one_line_saying_what_to_install(imag
     assert not experiment.exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_mlflow_uri_that_mlflow_cannot_track_to_is_one_line_before_ray_starts(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    args, experiment = sweep_args(tmp_path, images, "fixed: {epochs: 1}\n", "--mlflow", "bogus://nowhere")
+    with pytest.raises(SystemExit) as caught:
+        sweep.main(args)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --mlflow bogus://nowhere: MLflow cannot track there (") and len(err.splitlines()) == 1, err
+    assert err.endswith("); give a tracking URI such as sqlite:///mlflow.db or http://HOST:5000\n") and not experiment.exists()
+
+
 def test_errored_trials_exit_1_and_are_named(ray_session, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch):
     # A model family known to the driver only (registered in a script, not in a module the trials import)

@@ -27,7 +27,7 @@ from tune_cnn.claim import Claim
 from tune_cnn.cluster import ray_session, trial_resources, warn_if_storage_is_not_shared
 from tune_cnn.config import TrainConfig, from_environment
 from tune_cnn.data import DATA_HELP, DataSplits, load_data
-from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, byte_size, exit_on_user_error
+from tune_cnn.errors import CommandParser, ConfigError, TuneCnnError, byte_size, exit_on_user_error, first_line
 from tune_cnn.experiment import ExperimentFolder, Metadata, comparable_data, save_reports, saved_reports
 from tune_cnn.memory import check_sweep_memory, trial_memory
 from tune_cnn.progress import Plan, estimate, with_progress
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume:  # before the claim, which would make the folder of an experiment that is not there
         experiment.check_start(resume=True, metadata=metadata)
+    if args.mlflow:
+        check_mlflow_store(args.mlflow)
     with experiment.storage.lost_mid_sweep(), Claim(experiment.storage).take() as claim:  # one driver per experiment: a second sweep or resume stops here
         experiment.check_start(resume=args.resume, metadata=metadata)
         print(data.describe(), flush=True)
@@ -188,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
             claim.release()  # no trial runs now: the analysis reads an interrupted sweep's trials as interrupted
             experiment.check_writable()  # trials that could not save have errored; say why, once
             return report_results(results, space, data, experiment, plotters)
+
+
+def check_mlflow_store(uri: str) -> None:
+    """--mlflow's tracking URI opened once before Ray starts, so that one MLflow cannot use is one line, not a
+    traceback from inside the tuner."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except (MlflowException, OSError) as error:  # a scheme MLflow has no store for, a store it cannot open
+        raise ConfigError(f"--mlflow {uri}: MLflow cannot track there ({first_line(error)}); give a tracking URI such as "
+                          f"sqlite:///mlflow.db or http://HOST:5000") from None
 
 
 def sweep_metadata(space: SearchSpace, data: DataSplits) -> Metadata:
